@@ -1,0 +1,1 @@
+"""Speaker verification with Cross Attentive Pooling (CAP): the Python side of the recipe."""

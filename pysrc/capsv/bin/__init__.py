@@ -1,0 +1,1 @@
+"""Thin entry points, one per recipe stage: `python -m capsv.bin.<name> --help`."""

@@ -1,0 +1,100 @@
+"""Temporal pooling: TAP (eq. 4), SAP (eq. 5-7) and CAP (eq. 8-12).
+
+Every pooling answers the same question for a *grid* of pairs: given a set A of
+frame sequences [..., Na, Ta, C] and a set B [..., Nb, Tb, C], return the pooled
+vectors of every A-member as paired with every B-member, and vice versa, both shaped
+[..., Nb, Na, C] (rows follow B, columns follow A). TAP and SAP ignore the partner,
+so their grids are broadcasts; CAP's depend on the pair.
+
+CAP uses the identity of DESIGN §2.1 so no Ta x Tb matrix is formed: with Â, B̂ the
+L2-normalised projected frames, m = Â^T 1 and G = B̂^T B̂, the attention logit of A's
+frame t against B is Â_t^T G_B m_A / Ta. `cap_pair_direct` keeps eq. 9-12 literally
+and serves as the test oracle.
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class TAP(nn.Module):
+    def __init__(self, dim, **_):
+        super().__init__()
+
+    def single(self, x):
+        return x.mean(dim=-2)
+
+    def grid(self, a, b):
+        return _broadcast_grid(self.single(a), self.single(b))
+
+
+class SAP(nn.Module):
+    """Self-attentive pooling: w_t = softmax_t(mu^T tanh(W x_t + b))."""
+
+    def __init__(self, dim, **_):
+        super().__init__()
+        self.attention = nn.Linear(dim, dim)
+        self.context = nn.Parameter(torch.empty(dim, 1))
+        nn.init.xavier_normal_(self.context)
+
+    def single(self, x):
+        h = torch.tanh(self.attention(x))
+        w = torch.softmax(h @ self.context, dim=-2)       # [..., T, 1]
+        return (w * x).sum(dim=-2)
+
+    def grid(self, a, b):
+        return _broadcast_grid(self.single(a), self.single(b))
+
+
+def _broadcast_grid(ea, eb):
+    """Pair-independent embeddings laid out as the [..., Nb, Na, C] grids of a CAP grid."""
+    nb, na = eb.shape[-2], ea.shape[-2]
+    ga = ea.unsqueeze(-3).expand(*ea.shape[:-2], nb, na, ea.shape[-1])
+    gb = eb.unsqueeze(-2).expand(*eb.shape[:-2], nb, na, eb.shape[-1])
+    return ga, gb
+
+
+class CAP(nn.Module):
+    """Cross attentive pooling with the meta-projection g = ReLU(W x + b) and temperature tau."""
+
+    def __init__(self, dim, proj_dim=128, tau=0.05):
+        super().__init__()
+        self.proj = nn.Linear(dim, proj_dim)
+        self.tau = tau
+
+    def project(self, x):
+        """L2-normalised projected frames Ŝ, their sum m and Gram matrix G (one per sequence)."""
+        p = F.normalize(torch.relu(self.proj(x)), dim=-1)        # [..., N, T, D]
+        return p, p.sum(dim=-2), p.transpose(-1, -2) @ p           # Ŝ, m [..., N, D], G [..., N, D, D]
+
+    def grid(self, a, b):
+        pa, ma, ga = self.project(a)
+        pb, mb, gb = self.project(b)
+        return self._side(a, pa, ma, gb), self._side(b, pb, mb, ga).transpose(-2, -3)
+
+    def _side(self, x, p, m, g_other):
+        """Pool each sequence of x against every sequence of the other set: [..., N_other, N, C].
+
+        logits[o, n, t] = p[n, t] . (G_o m_n) / T_n ; e = (1/T) sum_t (1 + w_t) x_t.
+        """
+        t = x.shape[-2]
+        v = torch.einsum("...ode,...ne->...ond", g_other, m)                     # G_o m_n, [..., No, N, D]
+        logits = torch.einsum("...ntd,...ond->...ont", p, v) / (t * self.tau)
+        w = torch.softmax(logits, dim=-1)                                          # [..., No, N, T]
+        return x.mean(dim=-2).unsqueeze(-3) + torch.einsum("...ont,...ntc->...onc", w, x) / t
+
+
+def cap_pair_direct(cap, s, q):
+    """Eq. 9-12 for one pair, literally: s [Ts, C], q [Tq, C] -> (e_s, e_q). Test oracle only."""
+    S = torch.relu(cap.proj(s))
+    Q = torch.relu(cap.proj(q))
+    R = F.normalize(S, dim=-1) @ F.normalize(Q, dim=-1).T              # R_ij = cos(S_i, Q_j), [Ts, Tq]
+    mu_s = R.mean(dim=0)                                                 # [Tq]
+    mu_q = R.mean(dim=1)                                                 # [Ts]
+    w_s = torch.softmax(R @ mu_s / cap.tau, dim=0)                       # [Ts]
+    w_q = torch.softmax(R.T @ mu_q / cap.tau, dim=0)                     # [Tq]
+    e_s = ((1 + w_s)[:, None] * s).sum(0) / s.shape[0]
+    e_q = ((1 + w_q)[:, None] * q).sum(0) / q.shape[0]
+    return e_s, e_q
+
+
+POOLINGS = {"tap": TAP, "sap": SAP, "cap": CAP}

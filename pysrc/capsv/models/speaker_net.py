@@ -1,0 +1,44 @@
+"""The speaker network: trunk -> pooling -> BN + ReLU -> bias-free fc (512-d embedding)."""
+import torch
+from torch import nn
+
+from capsv.models.pooling import POOLINGS, _broadcast_grid
+from capsv.models.trunk import FastResNet34
+
+
+class SpeakerNet(nn.Module):
+    def __init__(self, n_mels, channels, layers, pooling, embed_dim, cap_proj_dim, cap_tau):
+        super().__init__()
+        self.trunk = FastResNet34(n_mels, channels, layers)
+        dim = self.trunk.out_dim
+        self.pair_dependent = pooling == "cap"
+        self.pool = POOLINGS[pooling](dim, proj_dim=cap_proj_dim, tau=cap_tau)
+        # The authors' CAP code puts BN + ReLU before a bias-free fc; TAP and SAP use the same
+        # head so that the ablation differs only in the pooling.
+        self.head = nn.Sequential(nn.BatchNorm1d(dim), nn.ReLU(), nn.Linear(dim, embed_dim, bias=False))
+
+    @classmethod
+    def from_config(cls, cfg):
+        return cls(**cfg["model"])
+
+    def frames(self, feats):
+        """[B, T, n_mels] -> frame-level trunk outputs [B, T/4, 128]."""
+        return self.trunk(feats)
+
+    def _embed(self, x):
+        lead = x.shape[:-1]
+        return self.head(x.reshape(-1, x.shape[-1])).reshape(*lead, -1)
+
+    def embed_grid(self, a, b):
+        """Embeddings of every (b, a) pair: a [..., Na, Ta, C], b [..., Nb, Tb, C] -> two [..., Nb, Na, E].
+
+        The first holds each a-member as pooled against each b-member, the second the reverse.
+        """
+        if self.pair_dependent:
+            ga, gb = self.pool.grid(a, b)
+            # One head call over both grids, so its BatchNorm sees all pair embeddings together.
+            out = self._embed(torch.cat([ga.reshape(-1, ga.shape[-1]), gb.reshape(-1, gb.shape[-1])]))
+            n = ga.shape[:-1].numel()
+            return out[:n].reshape(*ga.shape[:-1], -1), out[n:].reshape(*gb.shape[:-1], -1)
+        return _broadcast_grid(self._embed(self.pool.single(a)), self._embed(self.pool.single(b)))
+
