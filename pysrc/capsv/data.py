@@ -1,0 +1,147 @@
+"""Training data: Kaldi data dirs, crop reads from ark files, episodic batches."""
+import os
+import struct
+
+import kaldiio
+import numpy as np
+import torch
+
+from capsv.utils import UserError, read_table
+
+
+def read_data_dir(data_dir, need=("feats.scp", "utt2spk", "utt2num_frames")):
+    """The parts of a Kaldi data dir that training and scoring use, checked to agree."""
+    for name in need:
+        if not os.path.isfile(os.path.join(data_dir, name)):
+            raise UserError(f"{data_dir}/{name} is missing; run stage 0 and 1 for this data dir first")
+    utt2spk = dict(read_table(os.path.join(data_dir, "utt2spk"), 2))
+    nframes = {u: int(n) for u, n in read_table(os.path.join(data_dir, "utt2num_frames"), 2)}
+    scp = dict(read_table(os.path.join(data_dir, "feats.scp"), 2))
+    if not (utt2spk.keys() == nframes.keys() == scp.keys()):
+        raise UserError(f"{data_dir}: utt2spk, utt2num_frames and feats.scp list different utterances; "
+                        f"re-run stage 1 (steps/make_fbank.sh) for it")
+    return utt2spk, nframes, scp
+
+
+class ArkReader:
+    """Random access to feats.scp matrices, reading only the rows asked for.
+
+    Uncompressed float matrices (what stage 1 writes) are read by seeking to the wanted
+    rows; anything else falls back to kaldiio. File handles are opened per process, so a
+    reader can be shared with DataLoader workers.
+    """
+
+    def __init__(self, scp):
+        self.scp = scp              # utt -> "path:offset"
+        self._files = {}
+
+    def _file(self, path):
+        f = self._files.get(path)
+        if f is None:
+            if len(self._files) > 64:
+                for h in self._files.values():
+                    h.close()
+                self._files.clear()
+            f = self._files[path] = open(path, "rb")
+        return f
+
+    def read(self, utt, start=0, count=None):
+        spec = self.scp[utt]
+        path, _, offset = spec.rpartition(":")
+        if path and offset.isdigit():
+            try:
+                f = self._file(path)
+            except FileNotFoundError:
+                raise UserError(f"feature archive {path} (for {utt}) is missing; re-run stage 1")
+            f.seek(int(offset))
+            head = f.read(15)
+            if head[:6] in (b"\0BFM \4", b"\0BDM \4") and head[10:11] == b"\4":
+                rows, cols = struct.unpack("<i", head[6:10])[0], struct.unpack("<i", head[11:15])[0]
+                dtype = np.float32 if head[2:3] == b"F" else np.float64
+                count = rows - start if count is None else count
+                f.seek(int(offset) + 15 + start * cols * np.dtype(dtype).itemsize)
+                data = np.fromfile(f, dtype=dtype, count=count * cols)
+                if data.size != count * cols:
+                    raise UserError(f"feature archive {path} is truncated at {utt}; re-run stage 1")
+                return data.reshape(count, cols).astype(np.float32, copy=False)
+        mat = kaldiio.load_mat(spec)
+        return np.asarray(mat[start:None if count is None else start + count], dtype=np.float32)
+
+    def __getstate__(self):
+        return {"scp": self.scp, "_files": {}}
+
+
+def crop(reader, utt, num_frames, length, start):
+    """`length` rows from `start`; utterances shorter than a crop are repeated to fill it."""
+    if num_frames >= length:
+        return reader.read(utt, start, length)
+    mat = reader.read(utt)
+    return np.take(mat, np.arange(length) % num_frames, axis=0)
+
+
+class EpisodicBatches:
+    """N speakers x M utterances per batch, no speaker twice, fixed by (seed, epoch).
+
+    Each epoch every speaker's utterances are shuffled and cut into groups of M (the
+    remainder is left for that epoch); groups are shuffled and packed into batches of N
+    distinct speakers, deferring a group whose speaker the open batch already holds.
+    """
+
+    def __init__(self, utt2spk, n_speakers, n_utts, seed):
+        self.spk2utts = {}
+        for utt, spk in sorted(utt2spk.items()):
+            self.spk2utts.setdefault(spk, []).append(utt)
+        self.speakers = sorted(self.spk2utts)
+        self.n, self.m, self.seed = n_speakers, n_utts, seed
+        usable = sum(len(u) >= n_utts for u in self.spk2utts.values())
+        if usable < n_speakers:
+            raise UserError(f"only {usable} training speakers have >= {n_utts} utterances, but a batch needs "
+                            f"{n_speakers}; lower train.speakers_per_batch or train.utts_per_speaker")
+
+    def epoch(self, epoch):
+        rng = np.random.default_rng([self.seed, epoch, 0])
+        groups = []
+        for k, spk in enumerate(self.speakers):
+            utts = self.spk2utts[spk]
+            order = rng.permutation(len(utts))
+            for g in range(len(utts) // self.m):
+                groups.append((k, [utts[i] for i in order[g * self.m:(g + 1) * self.m]]))
+        groups = [groups[i] for i in rng.permutation(len(groups))]
+        batches, open_batch, held, deferred = [], [], set(), []
+        for group in groups:
+            deferred.append(group)
+            keep = []
+            for g in deferred:
+                if g[0] in held or len(open_batch) == self.n:
+                    keep.append(g)
+                    continue
+                open_batch.append(g)
+                held.add(g[0])
+            deferred = keep
+            if len(open_batch) == self.n:
+                batches.append(open_batch)
+                open_batch, held = [], set()
+        return batches
+
+
+class EpisodeDataset(torch.utils.data.Dataset):
+    """Item i of an epoch: features [N, M, crop, F] and speaker indices [N]; crops fixed by (seed, epoch, i)."""
+
+    def __init__(self, reader, nframes, batches, crop_frames, seed, epoch):
+        self.reader, self.nframes, self.batches = reader, nframes, batches
+        self.crop_frames, self.seed, self.epoch = crop_frames, seed, epoch
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __getitem__(self, i):
+        rng = np.random.default_rng([self.seed, self.epoch, 1, i])
+        feats = []
+        for _, utts in self.batches[i]:
+            for utt in utts:
+                nf = self.nframes[utt]
+                start = int(rng.integers(0, max(nf - self.crop_frames, 0) + 1))
+                feats.append(crop(self.reader, utt, nf, self.crop_frames, start))
+        n, m = len(self.batches[i]), len(self.batches[i][0][1])
+        x = torch.from_numpy(np.stack(feats)).view(n, m, self.crop_frames, -1)
+        return x, torch.tensor([k for k, _ in self.batches[i]])
