@@ -1,0 +1,166 @@
+"""Verification metrics: error-rate curves, EER, minDCF and DET plots.
+
+Conventions used throughout:
+
+- decision rule: a trial is accepted iff `score >= threshold`;
+- operating points: one per distinct score value u (threshold u), plus threshold +inf
+  (everything rejected). The lowest distinct score accepts everything. Equal scores are
+  therefore always on the same side of a threshold: a tie is never split;
+- p_miss(t) = #{target trials with score < t} / #targets,
+  p_fa(t)   = #{nontarget trials with score >= t} / #nontargets.
+
+All curves come from a single argsort of the scores (O(n log n)).
+"""
+import numpy as np
+
+from capsv.utils import UserError, atomic_path
+
+
+def _check(scores, labels):
+    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+    labels = np.asarray(labels).reshape(-1)
+    if scores.shape != labels.shape:
+        raise ValueError(f"{scores.size} scores but {labels.size} labels")
+    if scores.size == 0:
+        raise UserError("empty trial set: there are no trials to score; check the trials file")
+    if labels.dtype != np.bool_:
+        if not np.isin(labels, (0, 1)).all():
+            raise ValueError("labels must be booleans or 0/1")
+        labels = labels.astype(np.bool_)
+    n_tar = int(labels.sum())
+    if n_tar == 0 or n_tar == labels.size:
+        which = "nontarget" if n_tar == 0 else "target"
+        raise UserError(f"the trial set has only {which} trials ({labels.size}); EER/minDCF need both "
+                        f"target and nontarget trials")
+    if not np.isfinite(scores).all():
+        raise UserError("scores contain NaN or infinite values; re-run scoring")
+    return scores, labels
+
+
+def error_rates(scores, labels):
+    """Miss and false-alarm rates at every distinct threshold.
+
+    Returns (thresholds, p_miss, p_fa), arrays of length (#distinct scores + 1):
+    thresholds are the distinct scores in increasing order followed by +inf, so the first
+    point accepts everything (p_miss = 0, p_fa = 1) and the last rejects everything
+    (p_miss = 1, p_fa = 0). p_miss is non-decreasing, p_fa non-increasing.
+    """
+    scores, labels = _check(scores, labels)
+    order = np.argsort(scores, kind="stable")
+    s = scores[order]
+    lab = labels[order]
+    n = s.size
+    n_tar = int(lab.sum())
+    n_non = n - n_tar
+    # counts of trials strictly below position k in sorted order, k = 0..n
+    tar_below = np.concatenate(([0], np.cumsum(lab)))
+    non_below = np.arange(n + 1) - tar_below
+    # start of each group of equal scores, plus n (the +inf threshold)
+    starts = np.concatenate(([0], np.flatnonzero(s[1:] != s[:-1]) + 1, [n]))
+    thresholds = np.concatenate((s[starts[:-1]], [np.inf]))
+    p_miss = tar_below[starts] / n_tar
+    p_fa = (n_non - non_below[starts]) / n_non
+    return thresholds, p_miss, p_fa
+
+
+def _eer_index(p_miss, p_fa):
+    return int(np.argmin(np.abs(p_miss - p_fa)))
+
+
+def compute_eer(scores, labels):
+    """Equal error rate, as a fraction, and its threshold.
+
+    Definition: over the operating points of `error_rates` (every distinct score as a
+    threshold, plus +inf), take the point that minimises |p_miss - p_fa| (the first, i.e.
+    the lowest threshold, if several tie) and report EER = (p_miss + p_fa) / 2 at that point,
+    with that point's threshold. No interpolation: the EER is always attained by a real
+    threshold, and the gap |p_miss - p_fa| there is at most one trial's worth of either rate.
+    Perfectly separated scores give 0; fully reversed scores give 1.
+    """
+    thr, p_miss, p_fa = error_rates(scores, labels)
+    i = _eer_index(p_miss, p_fa)
+    return float((p_miss[i] + p_fa[i]) / 2), float(thr[i])
+
+
+def compute_min_dcf(scores, labels, p_target=0.05, c_miss=1.0, c_fa=1.0):
+    """Normalised minimum detection cost and its threshold.
+
+    DCF(t) = c_miss * p_target * p_miss(t) + c_fa * (1 - p_target) * p_fa(t), minimised over the
+    operating points of `error_rates` (the first, lowest threshold on ties) and divided by
+    min(c_miss * p_target, c_fa * (1 - p_target)), the cost of the best trivial system (NIST).
+    The result is therefore at most 1; the threshold is +inf when rejecting everything is best.
+    """
+    if not 0.0 < p_target < 1.0:
+        raise ValueError(f"p_target must be in (0, 1), got {p_target}")
+    thr, p_miss, p_fa = error_rates(scores, labels)
+    dcf = c_miss * p_target * p_miss + c_fa * (1 - p_target) * p_fa
+    i = int(np.argmin(dcf))
+    return float(dcf[i] / min(c_miss * p_target, c_fa * (1 - p_target))), float(thr[i])
+
+
+_TICKS = [0.0001, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 0.9,
+          0.95, 0.98, 0.99]
+
+
+def _tick_label(p):
+    pct = p * 100
+    return f"{pct:g}"
+
+
+def plot_det(curves, path, title=None):
+    """Write a DET plot (PNG, atomically) of `curves`: dict name -> (p_miss, p_fa).
+
+    Axes are on the normal-deviate scale (probit), ticks labelled in %; each curve's EER
+    point (as in `compute_eer`) is marked and given in the legend.
+    """
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from scipy.stats import norm
+
+    if not curves:
+        raise ValueError("plot_det: no curves")
+    eps = 1e-6
+    lo, hi = 0.01, 0.4  # axis range in probability: widened to fit the data, down to 0.1 %
+    eer_min = 1.0
+    fig, ax = plt.subplots(figsize=(5.5, 5.5))
+    try:
+        for name, (p_miss, p_fa) in curves.items():
+            p_miss = np.asarray(p_miss, dtype=np.float64)
+            p_fa = np.asarray(p_fa, dtype=np.float64)
+            i = _eer_index(p_miss, p_fa)
+            eer = (p_miss[i] + p_fa[i]) / 2
+            nz = np.concatenate((p_miss[p_miss > 0], p_fa[p_fa > 0]))
+            if nz.size:
+                lo = min(lo, max(0.001, float(nz.min())))
+            eer_min = min(eer_min, eer)
+            hi = max(hi, min(0.99, 2 * eer))
+            x = norm.ppf(np.clip(p_fa, eps, 1 - eps))
+            y = norm.ppf(np.clip(p_miss, eps, 1 - eps))
+            (line,) = ax.plot(x, y, label=f"{name} (EER {eer * 100:.2f} %)")
+            e = norm.ppf(np.clip(eer, eps, 1 - eps))
+            ax.plot([e], [e], "o", color=line.get_color(), markersize=6)
+        if eer_min > 0:
+            lo = min(lo, eer_min / 2)  # a very low EER stays on the plot
+        lo = max([t for t in _TICKS if t <= lo], default=_TICKS[0])
+        hi = min([t for t in _TICKS if t >= hi], default=_TICKS[-1])
+        ticks = [t for t in _TICKS if lo <= t <= hi]
+        d = norm.ppf(ticks)
+        ax.plot(norm.ppf([lo, hi]), norm.ppf([lo, hi]), ":", color="0.6", linewidth=0.8)
+        ax.set_xticks(d)
+        ax.set_xticklabels([_tick_label(t) for t in ticks])
+        ax.set_yticks(d)
+        ax.set_yticklabels([_tick_label(t) for t in ticks])
+        ax.set_xlim(norm.ppf(lo), norm.ppf(hi))
+        ax.set_ylim(norm.ppf(lo), norm.ppf(hi))
+        ax.set_xlabel("False alarm probability (%)")
+        ax.set_ylabel("Miss probability (%)")
+        if title:
+            ax.set_title(title)
+        ax.grid(True, linestyle=":", linewidth=0.5)
+        ax.legend(loc="lower left", fontsize=8)
+        fig.tight_layout()
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=100)
+    finally:
+        plt.close(fig)
