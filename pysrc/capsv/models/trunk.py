@@ -7,8 +7,8 @@ class SqueezeExcite(nn.Module):
     def __init__(self, channels, reduction=8):
         super().__init__()
         self.fc = nn.Sequential(
-            nn.Linear(channels, channels // reduction), nn.ReLU(inplace=True),
-            nn.Linear(channels // reduction, channels), nn.Sigmoid())
+            nn.Linear(channels, max(channels // reduction, 1)), nn.ReLU(inplace=True),
+            nn.Linear(max(channels // reduction, 1), channels), nn.Sigmoid())
 
     def forward(self, x):
         w = self.fc(x.mean(dim=(2, 3)))
