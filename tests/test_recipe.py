@@ -1,0 +1,129 @@
+"""run.sh end to end on a tiny corpus (stages 0-4), re-entry at stage 3, and bad input at the top."""
+import os
+import re
+import subprocess
+
+import pytest
+import yaml
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_recipe(tmp, *args):
+    cmd = ["bash", "run.sh", "--synth-size", "tiny", "--data", f"{tmp}/data", "--exp", f"{tmp}/exp",
+           "--fbankdir", f"{tmp}/fbank", "--corpusdir", f"{tmp}/corpus", *args]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+
+
+def mtimes(paths):
+    return {p: os.stat(p).st_mtime_ns for p in paths}
+
+
+@pytest.fixture(scope="module")
+def recipe(tmp_path_factory):
+    """One full run with a tiny CAP config: the mini config with fewer speakers per batch and 2 epochs."""
+    tmp = tmp_path_factory.mktemp("recipe")
+    with open(f"{ROOT}/conf/mini/cap.yaml") as f:
+        cfg = yaml.safe_load(f)
+    cfg["train"].update(epochs=2, speakers_per_batch=4, num_workers=0)
+    with open(tmp / "tiny_cap.yaml", "w") as f:
+        yaml.safe_dump(cfg, f)
+    r = run_recipe(tmp, "--config", str(tmp / "tiny_cap.yaml"))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return tmp, r
+
+
+def test_full_run_writes_every_stage(recipe):
+    tmp, r = recipe
+    exp = tmp / "exp/tiny_cap"
+    for f in ["data/synth_train/feats.scp", "data/synth_test/trials", "data/synth_test/utt2num_frames",
+              "exp/tiny_cap/config.yaml", "exp/tiny_cap/train_log.csv", "exp/tiny_cap/log/train.log",
+              "exp/tiny_cap/models/epoch_0002.pt", "exp/tiny_cap/det.png"]:
+        assert (tmp / f).is_file(), f
+    trials = (tmp / "data/synth_test/trials").read_text().split("\n")[:-1]
+    scores = (exp / "scores/synth_test.score").read_text().split("\n")[:-1]
+    assert [t.split()[:2] for t in trials] == [s.split()[:2] for s in scores]
+    results = (exp / "results.txt").read_text()
+    assert re.search(r"^EER: \d+\.\d+ %", results, re.M) and re.search(r"^minDCF\(p=0\.05\): \d\.\d+", results, re.M)
+    assert "EER:" in r.stdout and "minDCF(p=0.05)" in r.stdout
+    assert (tmp / "exp/baseline_mean_fbank/results.txt").is_file()
+
+
+def test_rerun_from_stage_3_keeps_stages_0_to_2(recipe):
+    tmp, _ = recipe
+    kept = [tmp / "data/synth_train/wav.scp", tmp / "data/synth_train/feats.scp",
+            tmp / "exp/tiny_cap/models/epoch_0002.pt", tmp / "exp/tiny_cap/train_log.csv",
+            next((tmp / "corpus/synth/wav").rglob("*.wav"))]
+    before = mtimes(kept)
+    score = tmp / "exp/tiny_cap/scores/synth_test.score"
+    score_before = os.stat(score).st_mtime_ns
+    r = run_recipe(tmp, "--config", str(tmp / "tiny_cap.yaml"), "--stage", "3")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "stage 0" not in r.stdout and "stage 1" not in r.stdout and "stage 2" not in r.stdout
+    assert "stage 3" in r.stdout and "stage 4" in r.stdout
+    assert mtimes(kept) == before
+    assert os.stat(score).st_mtime_ns > score_before
+
+
+def test_second_config_trains_into_its_own_exp(recipe):
+    """The ablation is a --config swap: SAP on the same features, its own exp dir."""
+    tmp, _ = recipe
+    cfg = yaml.safe_load((tmp / "tiny_cap.yaml").read_text())
+    cfg["model"]["pooling"] = "sap"
+    cfg["train"]["epochs"] = 1
+    (tmp / "tiny_sap.yaml").write_text(yaml.safe_dump(cfg))
+    r = run_recipe(tmp, "--config", str(tmp / "tiny_sap.yaml"), "--stage", "2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (tmp / "exp/tiny_sap/results.txt").is_file() and (tmp / "exp/tiny_cap/results.txt").is_file()
+
+
+def one_error_line(r):
+    lines = [l for l in r.stderr.splitlines() if l.strip()]
+    assert r.returncode != 0 and len(lines) == 1, r.stderr
+    return lines[0]
+
+
+def test_unknown_option_and_stage(tmp_path):
+    assert "--stgae" in one_error_line(run_recipe(tmp_path, "--stgae", "2"))
+    assert "not a stage" in one_error_line(run_recipe(tmp_path, "--stage", "7"))
+    assert not (tmp_path / "data").exists()
+
+
+def test_unknown_config_key_from_run_sh(recipe):
+    tmp, _ = recipe
+    r = run_recipe(tmp, "--config", str(tmp / "tiny_cap.yaml"), "--stage", "2", "--stop-stage", "2",
+                   "--train-opts", "train.epoch=3")
+    line = one_error_line(r)
+    assert "unknown config key 'train.epoch'" in line and "train.epochs" in line
+
+
+def test_trials_naming_unknown_utterance(recipe):
+    tmp, _ = recipe
+    bad = tmp / "bad_trials"
+    good = (tmp / "data/synth_test/trials").read_text().splitlines()
+    bad.write_text("\n".join(good[:3] + ["te0001-u001 nosuchspk-u009 target"]) + "\n")
+    out = tmp / "exp/tiny_cap/scores/bad.score"
+    r = subprocess.run(["bash", "-c", ". ./path.sh && python -m capsv.bin.score --exp $0 --data $1 --trials $2 --out $3",
+                        str(tmp / "exp/tiny_cap"), str(tmp / "data/synth_test"), str(bad), str(out)],
+                       cwd=ROOT, capture_output=True, text=True)
+    line = one_error_line(r)
+    assert "nosuchspk-u009" in line and str(bad) in line
+    assert not out.exists()
+
+
+def test_missing_wav_stops_stage_1(recipe, tmp_path):
+    """A wav.scp naming a missing file: stage 1 fails naming it, and the old feats.scp survives."""
+    tmp, _ = recipe
+    data = tmp_path / "data"
+    subprocess.run(["cp", "-r", str(tmp / "data"), str(data)], check=True)
+    wav = data / "synth_test/wav.scp"
+    lines = wav.read_text().splitlines()
+    lines[1] = lines[1].split()[0] + " /nonexistent/missing.wav"
+    wav.write_text("\n".join(lines) + "\n")
+    feats_before = (data / "synth_test/feats.scp").read_text()
+    r = subprocess.run(["bash", "run.sh", "--stage", "1", "--stop-stage", "1", "--data", str(data),
+                        "--exp", str(tmp_path / "exp"), "--fbankdir", str(tmp_path / "fbank")],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode != 0
+    assert "/nonexistent/missing.wav" in r.stdout + r.stderr
+    assert (data / "synth_test/feats.scp").read_text() == feats_before
