@@ -59,10 +59,7 @@ test_set=${corpus}_test
 
 if [ $stage -le 0 ] && [ $stop_stage -ge 0 ]; then
   log "stage 0: generating the embedded corpus ($synth_size) into $corpusdir/$corpus and $data/"
-  local/prepare_synth.sh --size "$synth_size" --nj "$nj" "$corpusdir/$corpus" "$data"
-  for set in $train_set $test_set; do
-    steps/validate_data_dir.sh --ignore-feats "$data/$set"  # features are checked in stage 1
-  done
+  local/prepare_synth.sh --size "$synth_size" --nj "$nj" "$corpusdir/$corpus" "$data"   # validates both dirs
 fi
 
 if [ $stage -le 1 ] && [ $stop_stage -ge 1 ]; then

@@ -57,18 +57,18 @@ NUISANCE = dict(
     eq_bands=(1, 3),           # number of peaking/notch bands
     eq_band_gain_db=12.0,      # band gain uniform in +-this
     lowpass_prob=0.25,         # probability of a band-limited (3.4-7 kHz) channel
-    snr_db=(5.0, 30.0),        # additive noise SNR range
+    snr_db=(10.0, 30.0),       # additive noise SNR range
     interf_prob=1.0 / 3.0,     # probability of an irrelevant signal over part of the utt
     interf_frac=(0.3, 0.7),    # fraction of the utterance it covers
-    sir_db=(0.0, 10.0),        # signal-to-interference ratio range
+    sir_db=(5.0, 15.0),        # signal-to-interference ratio range
     level_dbfs=(-32.0, -18.0), # output RMS level
 )
 
 # Within-speaker variability (smaller = speakers easier to tell apart).
 SPEAKER = dict(
     utt_f0_sd=0.5,             # per-utterance F0 offset, semitones
-    formant_offset_sd=0.05,    # per-speaker per-formant scale offsets (on top of vtl)
-    idiolect=0.05,             # per-speaker per-vowel formant offsets
+    formant_offset_sd=0.08,    # per-speaker per-formant scale offsets (on top of vtl)
+    idiolect=0.08,             # per-speaker per-vowel formant offsets
     token_formant_sd=0.03,     # per-token formant target jitter
 )
 

@@ -63,7 +63,7 @@ if ! python "$(dirname "$0")/make_synth_corpus.py" "${opts[@]}" "$corpus" "$data
 fi
 
 for set in synth_train synth_test; do
-  "$(dirname "$0")/../steps/validate_data_dir.sh" --no-feats "$data/$set"
+  "$(dirname "$0")/../steps/validate_data_dir.sh" --ignore-feats "$data/$set"  # features: stage 1
 done
 echo "$0: done: $data/synth_train ($(wc -l < "$data/synth_train/utt2spk") utts)," \
   "$data/synth_test ($(wc -l < "$data/synth_test/utt2spk") utts, $(wc -l < "$data/synth_test/trials") trials)"
