@@ -67,8 +67,8 @@ NUISANCE = dict(
 # Within-speaker variability (smaller = speakers easier to tell apart).
 SPEAKER = dict(
     utt_f0_sd=0.5,             # per-utterance F0 offset, semitones
-    formant_offset_sd=0.08,    # per-speaker per-formant scale offsets (on top of vtl)
-    idiolect=0.08,             # per-speaker per-vowel formant offsets
+    formant_offset_sd=0.10,    # per-speaker per-formant scale offsets (on top of vtl)
+    idiolect=0.10,             # per-speaker per-vowel formant offsets
     token_formant_sd=0.03,     # per-token formant target jitter
 )
 
