@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from capsv.models.pooling import CAP, SAP, TAP, cap_pair_direct
+from capsv.models.pooling import CAP, SAP, TAP, cap_grid_direct, cap_pair_direct
 from capsv.models.speaker_net import SpeakerNet
 
 
@@ -75,3 +75,12 @@ def test_parameter_count_near_paper():
     assert 1.3e6 < n < 1.5e6, n
     out = net.frames(torch.randn(2, 200, 40))
     assert out.shape == (2, 50, 128)
+
+
+def test_batched_direct_grid_matches_pairwise_oracle():
+    """The benchmark's batched direct form is eq. 9-12 too."""
+    cap = make_cap()
+    a = torch.randn(3, 13, 12, dtype=torch.float64)
+    b = torch.randn(2, 6, 12, dtype=torch.float64)
+    for x, y in zip(cap_grid_direct(cap, a, b), direct_grid(cap, a, b)):
+        torch.testing.assert_close(x, y, atol=1e-10, rtol=0)

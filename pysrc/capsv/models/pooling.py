@@ -97,4 +97,21 @@ def cap_pair_direct(cap, s, q):
     return e_s, e_q
 
 
+def cap_grid_direct(cap, a, b):
+    """Eq. 9-12 batched over every (b, a) pair, forming the full [..., Nb, Na, Tb, Ta] cosine tensor.
+
+    The cost the fast form avoids; used by the benchmark (capsv.bin.bench_pooling).
+    """
+    pa = F.normalize(torch.relu(cap.proj(a)), dim=-1)                  # [..., Na, Ta, D]
+    pb = F.normalize(torch.relu(cap.proj(b)), dim=-1)                  # [..., Nb, Tb, D]
+    R = torch.einsum("...itd,...jsd->...jits", pa, pb)                 # [..., Nb, Na, Ta, Tb]
+    mu_a = R.mean(dim=-2, keepdim=True)                                 # mean over a's frames: [.., 1, Tb]
+    mu_b = R.mean(dim=-1, keepdim=True)                                 # mean over b's frames: [.., Ta, 1]
+    w_a = torch.softmax((R * mu_a).sum(-1) / cap.tau, dim=-1)          # [..., Nb, Na, Ta]
+    w_b = torch.softmax((R * mu_b).sum(-2) / cap.tau, dim=-1)          # [..., Nb, Na, Tb]
+    ea = torch.einsum("...jit,...itc->...jic", 1 + w_a, a) / a.shape[-2]
+    eb = torch.einsum("...jis,...jsc->...jic", 1 + w_b, b) / b.shape[-2]
+    return ea, eb
+
+
 POOLINGS = {"tap": TAP, "sap": SAP, "cap": CAP}
