@@ -9,9 +9,8 @@ fast identity keeps that a few small matrix products per pair.
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
-
 from capsv.data import crop
+from capsv.utils import progress
 
 
 def crop_starts(num_frames, length, num_crops):
@@ -27,7 +26,7 @@ def utterance_crops(reader, utt, num_frames, length, num_crops):
 def crop_frames(net, reader, nframes, utts, ecfg, device, utts_per_batch=8):
     """utt -> trunk outputs of its crops [num_crops, T', C] (float32, on `device`)."""
     out = {}
-    for i in tqdm(range(0, len(utts), utts_per_batch), desc="trunk", leave=False, dynamic_ncols=True):
+    for i in progress(range(0, len(utts), utts_per_batch), desc="trunk", leave=False):
         chunk = utts[i:i + utts_per_batch]
         feats = np.concatenate([utterance_crops(reader, u, nframes[u], ecfg["crop_frames"], ecfg["num_crops"])
                                 for u in chunk])
@@ -45,7 +44,7 @@ def score_trials(net, frames, trials, trial_batch):
         emb = {u: F.normalize(net._embed(net.pool.single(frames[u])), dim=-1).mean(0) for u in utts}
         return np.array([float(emb[e] @ emb[t]) for e, t, *_ in trials])
     scores = []
-    for i in tqdm(range(0, len(trials), trial_batch), desc="CAP trials", leave=False, dynamic_ncols=True):
+    for i in progress(range(0, len(trials), trial_batch), desc="CAP trials", leave=False):
         chunk = trials[i:i + trial_batch]
         a = torch.stack([frames[e] for e, *_ in chunk])        # [B, crops, T', C]
         b = torch.stack([frames[t] for _, t, *_ in chunk])

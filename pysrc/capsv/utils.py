@@ -48,6 +48,12 @@ def atomic_open(path, mode="w"):
             yield f
 
 
+def progress(iterable, **kwargs):
+    """A tqdm bar on a terminal; none in a log file, where the per-epoch / per-stage lines say enough."""
+    from tqdm import tqdm
+    return tqdm(iterable, file=sys.stderr, disable=not sys.stderr.isatty(), dynamic_ncols=True, **kwargs)
+
+
 def read_table(path, ncols=None):
     """Read a Kaldi text table (`<key> <value...>` per line) into a list of token lists."""
     rows = []

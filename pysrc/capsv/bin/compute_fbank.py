@@ -13,7 +13,7 @@ import os
 import sys
 import time
 
-from capsv.utils import UserError, atomic_path, run_main
+from capsv.utils import UserError, atomic_path, progress, run_main
 
 
 def read_wav_scp(path):
@@ -59,7 +59,6 @@ def main():
             raise UserError(f"utterance {utt}: audio file {spec} not found; fix wav.scp or restore the file")
 
     import kaldiio
-    from tqdm import tqdm
 
     from capsv.features import compute_fbank, load_audio, read_fbank_conf, target_rate
 
@@ -71,13 +70,13 @@ def main():
     reported_rates = set()
     start = time.time()
     last_log = start
-    progress = tqdm(entries, desc="fbank", unit="utt", file=sys.stderr, disable=not sys.stderr.isatty())
+    bar = progress(entries, desc="fbank", unit="utt")
     # Listed so that the ark is renamed first (context managers exit in reverse order).
     with atomic_path(args.out_scp) as tmp_scp, atomic_path(args.out_utt2num_frames) as tmp_u2nf, \
             atomic_path(ark) as tmp_ark:
         tmp_ark = os.path.abspath(tmp_ark)
         with kaldiio.WriteHelper(f"ark,scp:{tmp_ark},{tmp_scp}") as writer, open(tmp_u2nf, "w") as u2nf:
-            for i, (utt, spec) in enumerate(progress, 1):
+            for i, (utt, spec) in enumerate(bar, 1):
                 wave, sr = load_audio(spec, utt)
                 if sr != target and sr not in reported_rates:
                     log(f"resampling from {sr} Hz to {target} Hz (first seen in utterance {utt})")
@@ -86,7 +85,7 @@ def main():
                 writer(utt, feats)
                 u2nf.write(f"{utt} {feats.shape[0]}\n")
                 # Kaldi-style progress lines when the log is a file rather than a terminal
-                if progress.disable and (time.time() - last_log > 30 or i == len(entries)):
+                if bar.disable and (time.time() - last_log > 30 or i == len(entries)):
                     last_log = time.time()
                     log(f"processed {i}/{len(entries)} utterances ({last_log - start:.0f} s)")
         # kaldiio wrote the temporary ark's name into the scp; point it at the final name.

@@ -14,14 +14,13 @@ import time
 import numpy as np
 import pandas as pd
 import torch
-from tqdm import tqdm
 
 from capsv import checkpoint
 from capsv.config import dump_config, flatten, load_config
 from capsv.data import ArkReader, EpisodeDataset, EpisodicBatches, read_data_dir
 from capsv.losses import NPSoftmaxLoss
 from capsv.models.speaker_net import SpeakerNet
-from capsv.utils import UserError, atomic_open, run_main
+from capsv.utils import UserError, atomic_open, progress, run_main
 
 # What may change between a run and its resumption; anything else means a different experiment.
 RESUMABLE_KEYS = {"train.epochs", "train.num_workers", "train.keep_checkpoints", "device"}
@@ -63,7 +62,7 @@ def train_epoch(net, loss_fn, opt, loader, device, amp, desc):
     net.train()
     loss_fn.train()
     totals, n = {}, 0
-    bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True)
+    bar = progress(loader, desc=desc, leave=False)
     for feats, speakers in bar:
         feats, speakers = feats.to(device, non_blocking=True), speakers.to(device)
         nspk, m, t, f = feats.shape
