@@ -41,7 +41,7 @@ def score_trials(net, frames, trials, trial_batch):
     """Mean cosine over all crop pairs, for each (enroll, test, ...) trial, in trial order."""
     if not net.pair_dependent:
         utts = sorted(frames)
-        emb = {u: F.normalize(net._embed(net.pool.single(frames[u])), dim=-1).mean(0) for u in utts}
+        emb = {u: F.normalize(net.embed(net.pool.single(frames[u])), dim=-1).mean(0) for u in utts}
         return np.array([float(emb[e] @ emb[t]) for e, t, *_ in trials])
     scores = []
     for i in progress(range(0, len(trials), trial_batch), desc="CAP trials", leave=False):

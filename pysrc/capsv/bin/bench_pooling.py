@@ -25,10 +25,7 @@ class DirectCAPNet(SpeakerNet):
     """SpeakerNet whose CAP grid is computed by the literal equations (benchmark only)."""
 
     def embed_grid(self, a, b):
-        ga, gb = cap_grid_direct(self.pool, a, b)
-        out = self._embed(torch.cat([ga.reshape(-1, ga.shape[-1]), gb.reshape(-1, gb.shape[-1])]))
-        n = ga.shape[:-1].numel()
-        return out[:n].reshape(*ga.shape[:-1], -1), out[n:].reshape(*gb.shape[:-1], -1)
+        return self.embed_pairs(*cap_grid_direct(self.pool, a, b))
 
 
 def timed(fn, device, repeats):

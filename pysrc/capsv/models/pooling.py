@@ -24,7 +24,7 @@ class TAP(nn.Module):
         return x.mean(dim=-2)
 
     def grid(self, a, b):
-        return _broadcast_grid(self.single(a), self.single(b))
+        return broadcast_grid(self.single(a), self.single(b))
 
 
 class SAP(nn.Module):
@@ -42,10 +42,10 @@ class SAP(nn.Module):
         return (w * x).sum(dim=-2)
 
     def grid(self, a, b):
-        return _broadcast_grid(self.single(a), self.single(b))
+        return broadcast_grid(self.single(a), self.single(b))
 
 
-def _broadcast_grid(ea, eb):
+def broadcast_grid(ea, eb):
     """Pair-independent embeddings laid out as the [..., Nb, Na, C] grids of a CAP grid."""
     nb, na = eb.shape[-2], ea.shape[-2]
     ga = ea.unsqueeze(-3).expand(*ea.shape[:-2], nb, na, ea.shape[-1])

@@ -2,7 +2,7 @@
 import torch
 from torch import nn
 
-from capsv.models.pooling import POOLINGS, _broadcast_grid
+from capsv.models.pooling import POOLINGS, broadcast_grid
 from capsv.models.trunk import FastResNet34
 
 
@@ -25,7 +25,8 @@ class SpeakerNet(nn.Module):
         """[B, T, n_mels] -> frame-level trunk outputs [B, T/4, 128]."""
         return self.trunk(feats)
 
-    def _embed(self, x):
+    def embed(self, x):
+        """Pooled vectors [..., C] -> embeddings [..., E] through BN + ReLU + bias-free fc."""
         lead = x.shape[:-1]
         return self.head(x.reshape(-1, x.shape[-1])).reshape(*lead, -1)
 
@@ -35,10 +36,12 @@ class SpeakerNet(nn.Module):
         The first holds each a-member as pooled against each b-member, the second the reverse.
         """
         if self.pair_dependent:
-            ga, gb = self.pool.grid(a, b)
-            # One head call over both grids, so its BatchNorm sees all pair embeddings together.
-            out = self._embed(torch.cat([ga.reshape(-1, ga.shape[-1]), gb.reshape(-1, gb.shape[-1])]))
-            n = ga.shape[:-1].numel()
-            return out[:n].reshape(*ga.shape[:-1], -1), out[n:].reshape(*gb.shape[:-1], -1)
-        return _broadcast_grid(self._embed(self.pool.single(a)), self._embed(self.pool.single(b)))
+            return self.embed_pairs(*self.pool.grid(a, b))
+        return broadcast_grid(self.embed(self.pool.single(a)), self.embed(self.pool.single(b)))
 
+    def embed_pairs(self, ga, gb):
+        """Head over two pooled grids [..., Nb, Na, C] in one call, so BatchNorm sees all pair
+        embeddings together."""
+        out = self.embed(torch.cat([ga.reshape(-1, ga.shape[-1]), gb.reshape(-1, gb.shape[-1])]))
+        n = ga.shape[:-1].numel()
+        return out[:n].reshape(*ga.shape[:-1], -1), out[n:].reshape(*gb.shape[:-1], -1)
