@@ -9,6 +9,7 @@ fast identity keeps that a few small matrix products per pair.
 import numpy as np
 import torch
 import torch.nn.functional as F
+
 from capsv.data import crop
 from capsv.utils import progress
 

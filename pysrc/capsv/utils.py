@@ -50,7 +50,7 @@ def atomic_open(path, mode="w"):
 
 def progress(iterable, **kwargs):
     """A tqdm bar on a terminal; none in a log file, where the per-epoch / per-stage lines say enough."""
-    from tqdm import tqdm
+    from tqdm import tqdm   # here, so entry points that fail fast on bad input import nothing heavy first
     return tqdm(iterable, file=sys.stderr, disable=not sys.stderr.isatty(), dynamic_ncols=True, **kwargs)
 
 
