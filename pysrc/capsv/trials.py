@@ -62,13 +62,9 @@ def voxceleb_utt_id(relpath):
     return os.path.splitext(relpath)[0].replace("/", "-")
 
 
-def voxceleb_to_kaldi_trials(src, dst):
-    """Convert a VoxCeleb list (`1|0 <path> <path>`) to Kaldi trials at `dst` (atomic), keeping order.
-
-    Returns the set of utterance ids the trials name.
-    """
-    utts = set()
-    lines = []
+def read_voxceleb_list(src):
+    """A VoxCeleb list (`1|0 <path> <path>`) as [(is_target, (enroll_path, test_path))], in file order."""
+    rows = []
     with _open_input(src, "VoxCeleb trial list", "give the path of veri_test.txt") as f:
         for n, line in enumerate(f, 1):
             toks = line.split()
@@ -77,15 +73,26 @@ def voxceleb_to_kaldi_trials(src, dst):
             if len(toks) != 3 or toks[0] not in ("0", "1"):
                 raise UserError(f"{src}:{n}: expected `1|0 <enroll-path> <test-path>`, got {line.strip()!r}; "
                                 f"give a VoxCeleb trial list such as veri_test.txt")
-            e, t = voxceleb_utt_id(toks[1]), voxceleb_utt_id(toks[2])
-            utts.add(e)
-            utts.add(t)
-            lines.append(f"{e} {t} {'target' if toks[0] == '1' else 'nontarget'}\n")
-    if not lines:
+            rows.append((toks[0] == "1", (toks[1], toks[2])))
+    if not rows:
         raise UserError(f"{src}: the VoxCeleb trial list is empty; give a VoxCeleb trial list such as veri_test.txt")
+    return rows
+
+
+def write_trials(dst, trials):
+    """Write (enroll, test, is_target) triples as a Kaldi trials file, atomically, in order."""
     with atomic_open(dst) as f:
-        f.writelines(lines)
-    return utts
+        f.writelines(f"{e} {t} {'target' if label else 'nontarget'}\n" for e, t, label in trials)
+
+
+def voxceleb_to_kaldi_trials(src, dst):
+    """Convert a VoxCeleb list (`1|0 <path> <path>`) to Kaldi trials at `dst` (atomic), keeping order.
+
+    Returns the set of utterance ids the trials name.
+    """
+    trials = [(voxceleb_utt_id(e), voxceleb_utt_id(t), label) for label, (e, t) in read_voxceleb_list(src)]
+    write_trials(dst, trials)
+    return {u for e, t, _ in trials for u in (e, t)}
 
 
 def write_scores(path, trials, scores):
