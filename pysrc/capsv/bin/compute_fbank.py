@@ -67,7 +67,7 @@ def main():
     ark = os.path.abspath(args.out_ark)
     log(f"{len(entries)} utterances from {args.wav_scp} -> {ark}")
 
-    reported_rates = set()
+    resampled = {}   # rate -> utterances; make_fbank.sh sums the jobs' counts into one line per data dir
     start = time.time()
     last_log = start
     bar = progress(entries, desc="fbank", unit="utt")
@@ -78,9 +78,8 @@ def main():
         with kaldiio.WriteHelper(f"ark,scp:{tmp_ark},{tmp_scp}") as writer, open(tmp_u2nf, "w") as u2nf:
             for i, (utt, spec) in enumerate(bar, 1):
                 wave, sr = load_audio(spec, utt)
-                if sr != target and sr not in reported_rates:
-                    log(f"resampling from {sr} Hz to {target} Hz (first seen in utterance {utt})")
-                    reported_rates.add(sr)
+                if sr != target:
+                    resampled[sr] = resampled.get(sr, 0) + 1
                 feats = compute_fbank(wave, sr, opts, utt)
                 writer(utt, feats)
                 u2nf.write(f"{utt} {feats.shape[0]}\n")
@@ -101,6 +100,8 @@ def main():
         # mkstemp made the temporaries private (0600); give them the usual umask permissions
         for p in (tmp_ark, tmp_scp, tmp_u2nf):
             os.chmod(p, 0o666 & ~_umask())
+    for sr, n in sorted(resampled.items()):
+        log(f"resampled {n} utterances from {sr} Hz to {target} Hz")
     log(f"done: {len(entries)} utterances in {time.time() - start:.0f} s")
 
 
