@@ -1,6 +1,6 @@
 """run.sh end to end on a tiny corpus (stages 0-4), re-entry at stage 3, and bad input at the top."""
+import hashlib
 import os
-import re
 import subprocess
 
 import pytest
@@ -43,9 +43,15 @@ def test_full_run_writes_every_stage(recipe):
     trials = (tmp / "data/synth_test/trials").read_text().split("\n")[:-1]
     scores = (exp / "scores/synth_test.score").read_text().split("\n")[:-1]
     assert [t.split()[:2] for t in trials] == [s.split()[:2] for s in scores]
-    results = (exp / "results.txt").read_text()
-    assert re.search(r"^EER: \d+\.\d+ %", results, re.M) and re.search(r"^minDCF\(p=0\.05\): \d\.\d+", results, re.M)
-    assert "EER:" in r.stdout and "minDCF(p=0.05)" in r.stdout
+    assert "epoch 2: loss" in (exp / "log/train.log").read_text() and "epoch 2: loss" in r.stdout
+    lines = (exp / "results.txt").read_text().splitlines()
+    assert lines[:2] == ["# system: tiny_cap", "# list      EER(%)  minDCF(0.05)  minDCF(0.01)  trials  targets  epoch  "
+                         "sha256                                                            path"]
+    row = lines[2].split()
+    assert len(lines) == 3 and row[0] == "synth_test" and row[4:7] == ["48", "24", "2"]
+    assert 0 <= float(row[1]) <= 100 and 0 <= float(row[2]) <= 1 and 0 <= float(row[3]) <= 1
+    assert row[7] == hashlib.sha256((tmp / "data/synth_test/trials").read_bytes()).hexdigest()
+    assert row[8] == str(tmp / "data/synth_test/trials") and lines[2] in r.stdout
     assert (tmp / "exp/baseline_mean_fbank/results.txt").is_file()
 
 

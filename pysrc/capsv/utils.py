@@ -1,5 +1,6 @@
 """Small shared pieces: the user-error convention and atomic file output."""
 import contextlib
+import hashlib
 import os
 import sys
 import tempfile
@@ -46,6 +47,15 @@ def atomic_open(path, mode="w"):
     with atomic_path(path) as tmp:
         with open(tmp, mode) as f:
             yield f
+
+
+def sha256(path):
+    """Hex SHA-256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def progress(iterable, **kwargs):

@@ -59,9 +59,13 @@ def main():
             raise UserError(f"utterance {utt}: audio file {spec} not found; fix wav.scp or restore the file")
 
     import kaldiio
+    import torch
 
     from capsv.features import compute_fbank, load_audio, read_fbank_conf, target_rate
 
+    # One thread: the parallelism is --nj jobs, and idle intra-op threads spinning between
+    # utterances cost 4x the CPU of the features themselves (local/measure_m4a_decoding.py).
+    torch.set_num_threads(1)
     opts = read_fbank_conf(args.fbank_config)
     target = target_rate(opts)
     ark = os.path.abspath(args.out_ark)

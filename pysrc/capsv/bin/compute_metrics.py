@@ -1,54 +1,66 @@
-"""Stage 4: EER and minDCF from score files, written to results.txt, plus a DET plot.
+"""Stage 4: EER and minDCF from score files, one results.txt line per trial list, and a DET plot.
 
   python -m capsv.bin.compute_metrics --trials data/synth_test/trials \\
-      --scores exp/cap/scores/trials.score --results exp/cap/results.txt --det exp/cap/det.png --name cap
+      --scores exp/cap/scores/synth_test.score --results exp/cap/results.txt --det exp/cap/det.png --name cap
 
---trials/--scores may be repeated (in pairs, in the same order): results.txt then holds one
-block per trial list and the DET plot one curve per list.
+--trials/--scores may be repeated (in pairs, in the same order): results.txt then holds one line
+per trial list and the DET plot one curve per list. A line gives the list's name (its score
+file's name), EER, minDCF at p_target 0.05 and 0.01 (C_miss = C_fa = 1), the numbers of trials
+and targets, the checkpoint epoch (from the score file's .json, written by stage 3) and the
+list's SHA-256 and path. A score file whose .json names other trials than the list as it is now
+is refused: the scores are stale.
 """
 import argparse
+import json
 import os
 import sys
 
 from capsv.metrics import compute_eer, compute_min_dcf, error_rates, plot_det
 from capsv.trials import read_scores, read_trials
-from capsv.utils import UserError, atomic_open, run_main
+from capsv.utils import UserError, atomic_open, run_main, sha256
 
 P_TARGETS = (0.05, 0.01)
+HEADER = ("list", "EER(%)", "minDCF(0.05)", "minDCF(0.01)", "trials", "targets", "epoch", "sha256", "path")
 
 
-def list_label(trials_path):
-    """A short name for a trial list: `data/synth_test/trials` -> `synth_test`."""
-    p = os.path.normpath(trials_path)
-    base = os.path.basename(p)
-    if base == "trials" and os.path.dirname(p):
-        return os.path.basename(os.path.dirname(p))
-    return base
+def list_label(scores_path):
+    """A trial list's name in results and plots: its score file's, `scores/vox1_test_o_clean.score` -> `vox1_test_o_clean`."""
+    return os.path.splitext(os.path.basename(scores_path))[0]
 
 
 def evaluate(trials_path, scores_path):
-    """Metrics for one trial list; returns (block of result lines, (p_miss, p_fa))."""
+    """Metrics for one trial list; returns (dict of the results line's fields, (p_miss, p_fa))."""
     trials = read_trials(trials_path)
     if not trials:
         raise UserError(f"{trials_path}: the trials file has no trials; regenerate it (stage 0)")
+    digest = sha256(trials_path)
+    epoch = "-"
+    if os.path.exists(scores_path + ".json"):
+        with open(scores_path + ".json") as f:
+            info = json.load(f)
+        if info.get("trials_sha256") != digest:
+            raise UserError(f"{scores_path} was scored on another version of {trials_path}; re-run stage 3")
+        epoch = info.get("epoch", "-")
     scores = read_scores(scores_path, trials, trials_path=trials_path)
     labels = [t[2] for t in trials]
     try:
-        eer, eer_thr = compute_eer(scores, labels)
-        dcfs = [compute_min_dcf(scores, labels, p_target=p) for p in P_TARGETS]
+        eer, _ = compute_eer(scores, labels)
+        dcfs = [compute_min_dcf(scores, labels, p_target=p)[0] for p in P_TARGETS]
         _, p_miss, p_fa = error_rates(scores, labels)
     except UserError as e:
         raise UserError(f"{trials_path}: {e}") from None
-    n_tar = sum(labels)
-    lines = [
-        f"trials: {trials_path}",
-        f"scores: {scores_path}",
-        f"n_trials: {len(trials)} ({n_tar} target, {len(trials) - n_tar} nontarget)",
-        f"EER: {eer * 100:.2f} % (threshold {eer_thr:.6f})",
-    ]
-    for p, (dcf, thr) in zip(P_TARGETS, dcfs):
-        lines.append(f"minDCF(p={p:g}): {dcf:.4f} (threshold {thr:.6f}, C_miss=1, C_fa=1)")
-    return lines, (p_miss, p_fa)
+    row = dict(zip(HEADER, (list_label(scores_path), f"{eer * 100:.2f}", f"{dcfs[0]:.4f}", f"{dcfs[1]:.4f}",
+                            str(len(trials)), str(sum(labels)), str(epoch), digest, trials_path)))
+    return row, (p_miss, p_fa)
+
+
+def format_table(name, rows):
+    """`# system: <name>`, a `#`-commented header, then one aligned line per list."""
+    cols = [("# " + HEADER[0], *HEADER[1:])] + [[r[h] for h in HEADER] for r in rows]
+    widths = [max(len(c[i]) for c in cols) for i in range(len(HEADER) - 1)]
+    lines = [f"# system: {name}"]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(c, widths)) + "  " + c[-1] for c in cols]
+    return "\n".join(lines) + "\n"
 
 
 def main(argv=None):
@@ -65,16 +77,16 @@ def main(argv=None):
         raise UserError(f"got {len(args.trials)} --trials but {len(args.scores)} --scores; "
                         f"give one --scores per --trials, in the same order")
 
-    blocks, curves = [], {}
+    rows, curves = [], {}
     for tp, sp in zip(args.trials, args.scores):
-        lines, curve = evaluate(tp, sp)
-        blocks.append(lines)
-        label = args.name if len(args.trials) == 1 else f"{args.name} {list_label(tp)}"
+        row, curve = evaluate(tp, sp)
+        rows.append(row)
+        label = args.name if len(args.trials) == 1 else f"{args.name} {row['list']}"
         while label in curves:
             label += "'"
         curves[label] = curve
 
-    text = f"name: {args.name}\n\n" + "\n\n".join("\n".join(b) for b in blocks) + "\n"
+    text = format_table(args.name, rows)
     # the plot first: results.txt is the stage's completion marker
     if args.det:
         plot_det(curves, args.det, title=args.name)
