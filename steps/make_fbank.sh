@@ -77,7 +77,7 @@ rm -rf "$split_dir"
 "$(dirname "$0")/validate_data_dir.sh" "$data"
 # one line per data dir for audio at other sample rates (each job counts its own)
 for n in $(seq "$nj"); do cat "$logdir/make_fbank_$name.$n.log"; done |
-  awk -v d="$data" '$1 == "compute_fbank:" && $2 == "resampled" { n[$5] += $3; to = $9; total += $3 }
+  awk -v d="$data" '$1 == "compute_fbank:" && $2 == "resampled" { n[$6] += $3; to = $9; total += $3 }
     END { if (total) { msg = ""; for (r in n) msg = msg sprintf("%s%d from %s Hz", msg ? ", " : "", n[r], r)
           printf "make_fbank.sh: %s: resampled %d utterances to %s Hz (%s)\n", d, total, to, msg } }'
 echo "$0: fbank features for $nutt utterances of $data in $fbank_dir"
