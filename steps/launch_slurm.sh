@@ -153,15 +153,15 @@ trap 'scancel "$jobid" 2>/dev/null || true; echo "$prog: interrupted; cancelled 
 # States of finished tasks are kept for the failure report: "<task> <state>" lines.
 final='^(COMPLETED|CANCELLED|FAILED|TIMEOUT|NODE_FAIL|PREEMPTED|BOOT_FAIL|DEADLINE|OUT_OF_MEMORY|SPECIAL_EXIT|REVOKED)$'
 states=""; polls=0; errors=0
+errf=$(mktemp); trap 'rm -f "$errf"' EXIT   # squeue's complaints, apart from its list
 while :; do
-  if q=$(squeue -h -t all -j "$jobid" -o '%K %T' 2>&1); then
+  if q=$(squeue -h -t all -j "$jobid" -o '%K %T' 2> "$errf"); then
     errors=0
-    if ! awk -v re="$final" 'NF != 2 || $2 !~ re { bad = 1 } END { exit bad }' <<< "$q"; then
-      :   # still pending or running
-    else
+    # done when no task is pending or running (an empty list: all purged already)
+    if awk -v re="$final" 'NF == 0 { next } NF != 2 || $2 !~ re { bad = 1 } END { exit bad }' <<< "$q"; then
       states=$q; break
     fi
-  elif grep -q 'Invalid job id' <<< "$q"; then
+  elif q=$(cat "$errf"); grep -q 'Invalid job id' <<< "$q"; then
     break   # already purged by the controller (MinJobAge): the logs tell the rest
   else
     errors=$((errors + 1))   # the controller may be restarting: keep waiting, a while
@@ -178,16 +178,17 @@ task_state() {   # the Slurm state of one task, or "" when unknown
   awk -v k="$key" '$1 == k { print $2 }' <<< "$states"
 }
 ended_ok() { tail -n 1 "$1" 2>/dev/null | grep -q '^# Ended (code 0) '; }
+has_footer() { grep -q '^# Ended (code' "$1" 2>/dev/null; }
 
 # The log's last line carries the job's exit code; a job killed before writing it failed.
 failed=0
 for ((id = first; id <= last; id++)); do
   log=$(subst "$logspec" "$id")
   state=$(task_state "$id")
-  # Slurm says the job succeeded, which it only does after the footer is written: give a
-  # shared filesystem a few seconds to show the log here.
+  # No footer yet although Slurm says the job succeeded (or no longer knows): a shared
+  # filesystem may take a few seconds to show the log here.
   if [ "$state" = COMPLETED ] || [ -z "$state" ]; then
-    for _ in 1 2 3 4 5 6 7 8 9 10; do ended_ok "$log" && break; sleep 1; done
+    for _ in 1 2 3 4 5 6 7 8 9 10; do has_footer "$log" && break; sleep 1; done
   fi
   ended_ok "$log" && continue
   failed=$((failed + 1))
@@ -196,7 +197,7 @@ for ((id = first; id <= last; id++)); do
   # the job's own last words, without the 3 header lines and the footer
   { sed '1,3d' "$log" 2>/dev/null || true; } | { grep -Ev '^# (Accounting|Ended)' || true; } |
     tail -n 5 | sed 's/^/    /' >&2
-  if ! grep -q '^# Ended (code' "$log" 2>/dev/null; then
+  if ! has_footer "$log"; then
     if [ -n "$jobvar" ]; then out=$qdir/$name.${jobid}_$id.out; else out=$qdir/$name.$jobid.out; fi
     echo "$prog: it ended without a footer (killed or never started); Slurm's output: $out" >&2
     { tail -n 5 "$out" 2>/dev/null || true; } | sed 's/^/    /' >&2
