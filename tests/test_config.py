@@ -4,7 +4,7 @@ import os
 import pytest
 import yaml
 
-from capsv.config import DEFAULTS, SCALE_KEYS, flatten, load_config
+from capsv.config import DEFAULTS, RANGES, SCALE_KEYS, flatten, load_config
 from capsv.utils import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -48,9 +48,78 @@ def test_overrides_win_and_are_checked(tmp_path):
         load_config(f"{ROOT}/conf/mini/cap.yaml", ["train.epoch=2"])
     with pytest.raises(UserError, match="one of"):
         load_config(None, ["model.pooling=xap"])
-    with pytest.raises(UserError, match="must be like"):
+    with pytest.raises(UserError, match=r"'train.lr' must be a number > 0, got 'fast'"):
         load_config(None, ["train.lr=fast"])
     bad = tmp_path / "bad.yaml"
     bad.write_text("model:\n  poolng: cap\n")
     with pytest.raises(UserError, match=r"bad.yaml: unknown config key 'model.poolng'; did you mean 'model.pooling'"):
         load_config(bad)
+
+
+# (override, message): wrong types and out-of-range values, each named with its allowed range
+BAD_VALUES = [
+    ("train.epochs=ten", "'train.epochs' must be an integer >= 1, got 'ten'"),
+    ("train.epochs=2.5", "'train.epochs' must be an integer >= 1, got 2.5"),
+    ("train.epochs=true", "'train.epochs' must be an integer >= 1, got True"),
+    ("train.epochs=0", "'train.epochs' must be an integer >= 1, got 0"),
+    ("train.lr=-1", "'train.lr' must be a number > 0, got -1.0"),
+    ("train.lr=0", "'train.lr' must be a number > 0, got 0.0"),
+    ("train.lr=.nan", "'train.lr' must be a number > 0, got nan"),
+    ("train.lr=.inf", "'train.lr' must be a number > 0, got inf"),
+    ("train.lr_decay=0", "'train.lr_decay' must be a number in (0, 1], got 0.0"),
+    ("train.lr_decay=1.5", "'train.lr_decay' must be a number in (0, 1], got 1.5"),
+    ("train.lr_decay_every=0", "'train.lr_decay_every' must be an integer >= 1, got 0"),
+    ("eval.num_crops=0", "'eval.num_crops' must be an integer >= 1, got 0"),
+    ("eval.crop_frames=0", "'eval.crop_frames' must be an integer >= 1, got 0"),
+    ("eval.trial_batch=-3", "'eval.trial_batch' must be an integer >= 1, got -3"),
+    ("model.cap_tau=0", "'model.cap_tau' must be a number > 0, got 0.0"),
+    ("model.channels=[16, 0, 64, 128]", "'model.channels' must be a list of 4 integers >= 1, got [16, 0, 64, 128]"),
+    ("model.layers=[3, 4, 6]", "'model.layers' must be a list of 4 integers >= 1, got [3, 4, 6]"),
+    ("train.keep_checkpoints=-1", "'train.keep_checkpoints' must be an integer >= 0, got -1"),
+    ("train.num_workers=-1", "'train.num_workers' must be an integer >= 0, got -1"),
+    ("train.softmax_weight=-0.5", "'train.softmax_weight' must be a number >= 0, got -0.5"),
+    ("train.crop_frames=0", "'train.crop_frames' must be an integer >= 1, got 0"),
+    ("train.speakers_per_batch=1", "'train.speakers_per_batch' must be an integer >= 2, got 1"),
+    ("train.utts_per_speaker=1", "'train.utts_per_speaker' must be an integer >= 2, got 1"),
+    ("seed=-1", "'seed' must be an integer in [0, 4294967295], got -1"),
+    ("train.amp=3", "'train.amp' must be true or false, got 3"),
+    ("model.channels=[16, 32", "override 'model.channels=[16, 32': '[16, 32' is not a valid YAML value"),
+]
+
+
+@pytest.mark.parametrize("override,message", BAD_VALUES)
+def test_bad_values_name_key_value_and_range(override, message):
+    with pytest.raises(UserError) as e:
+        load_config(f"{ROOT}/conf/mini/cap.yaml", [override])
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_bad_value_in_yaml_names_the_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  lr_decay_every: 0\n")
+    with pytest.raises(UserError, match=r"bad.yaml: 'train.lr_decay_every' must be an integer >= 1, got 0"):
+        load_config(bad)
+
+
+def test_every_numeric_key_has_a_range_and_the_defaults_are_in_it():
+    numeric = {k for k, v in flatten(DEFAULTS).items() if not isinstance(v, (bool, str))}
+    assert numeric == set(RANGES)
+    for k, v in flatten(DEFAULTS).items():   # the defaults, and both configs, pass their own checks
+        load_config(None, [f"{k}={v}"])
+    load_config(f"{ROOT}/conf/cap.yaml")
+    load_config(f"{ROOT}/conf/mini/cap.yaml")
+
+
+def test_unreadable_config_file_is_one_line(tmp_path):
+    with pytest.raises(UserError, match="cannot read config file"):
+        load_config(tmp_path)          # a directory
+
+
+def test_exponent_without_dot_is_a_number(tmp_path):
+    # YAML 1.1 reads 1e-4 as a string; a float key takes it as the number it is meant to be
+    assert load_config(None, ["train.lr=1e-4"])["train"]["lr"] == 1e-4
+    f = tmp_path / "c.yaml"
+    f.write_text("model:\n  cap_tau: 5e-2\n")
+    assert load_config(f)["model"]["cap_tau"] == 0.05
+    with pytest.raises(UserError, match="'train.epochs' must be an integer >= 1, got '1e3'"):
+        load_config(None, ["train.epochs=1e3"])

@@ -5,6 +5,7 @@ valid one (a misspelt key must never be silently ignored). The command line wins
 """
 import copy
 import difflib
+import math
 
 import yaml
 
@@ -53,6 +54,56 @@ SCALE_KEYS = {
 
 CHOICES = {"device": {"auto", "cpu", "cuda"}, "model.pooling": {"tap", "sap", "cap"}}
 
+# The allowed range of every numeric key (of each element, for lists), (low, low_open, high, high_open),
+# None for no bound: a bad value fails when the config is read, not an epoch into training.
+RANGES = {
+    "seed": (0, False, 2 ** 32 - 1, False),        # numpy seeds are unsigned 32-bit
+    "model.n_mels": (1, False, None, False),
+    "model.channels": (1, False, None, False),
+    "model.layers": (1, False, None, False),
+    "model.embed_dim": (1, False, None, False),
+    "model.cap_proj_dim": (1, False, None, False),
+    "model.cap_tau": (0, True, None, False),       # a softmax temperature
+    "train.epochs": (1, False, None, False),
+    "train.speakers_per_batch": (2, False, None, False),   # the prototypical loss needs other speakers
+    "train.utts_per_speaker": (2, False, None, False),     # one support and at least one query
+    "train.crop_frames": (1, False, None, False),
+    "train.lr": (0, True, None, False),
+    "train.lr_decay": (0, True, 1, False),
+    "train.lr_decay_every": (1, False, None, False),
+    "train.softmax_weight": (0, False, None, False),
+    "train.num_workers": (0, False, None, False),
+    "train.keep_checkpoints": (0, False, None, False),   # 0 keeps all
+    "eval.num_crops": (1, False, None, False),
+    "eval.crop_frames": (1, False, None, False),
+    "eval.trial_batch": (1, False, None, False),
+}
+
+
+def _describe(dotted, default):
+    """What a key accepts, in words: 'an integer >= 1', 'a number in (0, 1]', ..."""
+    if isinstance(default, bool):
+        return "true or false"
+    if isinstance(default, str):
+        return f"like {default!r}"
+    lo, lo_open, hi, hi_open = RANGES[dotted]
+    kind = "a number" if isinstance(default, float) else "an integer"
+    if hi is None:
+        what = f"{kind} {'>' if lo_open else '>='} {lo}"
+    else:
+        what = f"{kind} in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+    if isinstance(default, list):
+        what = f"a list of {len(default)} {what.replace('an integer', 'integers', 1)}"
+    return what
+
+
+def _in_range(dotted, x):
+    lo, lo_open, hi, hi_open = RANGES[dotted]
+    if isinstance(x, float) and not math.isfinite(x):
+        return False
+    return ((x > lo if lo_open else x >= lo) and
+            (hi is None or (x < hi if hi_open else x <= hi)))
+
 
 def flatten(d, prefix=""):
     out = {}
@@ -72,19 +123,30 @@ def _set(cfg, dotted, value, source):
         hint = f"; did you mean '{near[0]}'?" if near else f"; valid keys: {', '.join(sorted(valid))}"
         raise UserError(f"{source}: unknown config key '{dotted}'{hint}")
     default = valid[dotted]
+
+    def is_int(x):
+        return isinstance(x, int) and not isinstance(x, bool)
+
     if isinstance(default, bool):
         ok = isinstance(value, bool)
     elif isinstance(default, float):
+        if isinstance(value, str):   # YAML 1.1 reads 1e-4 (no dot) as a string; it is meant as a number
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         value = float(value) if ok else value
+        ok = ok and _in_range(dotted, value)
     elif isinstance(default, int):
-        ok = isinstance(value, int) and not isinstance(value, bool)
+        ok = is_int(value) and _in_range(dotted, value)
     elif isinstance(default, list):
-        ok = isinstance(value, list) and len(value) == len(default) and all(isinstance(v, int) for v in value)
+        ok = (isinstance(value, list) and len(value) == len(default) and
+              all(is_int(v) and _in_range(dotted, v) for v in value))
     else:
         ok = isinstance(value, str)
     if not ok:
-        raise UserError(f"{source}: '{dotted}' must be like {default!r}, got {value!r}")
+        raise UserError(f"{source}: '{dotted}' must be {_describe(dotted, default)}, got {value!r}")
     if dotted in CHOICES and value not in CHOICES[dotted]:
         raise UserError(f"{source}: '{dotted}' must be one of {sorted(CHOICES[dotted])}, got {value!r}")
     node = cfg
@@ -103,6 +165,8 @@ def load_config(path=None, overrides=()):
                 data = yaml.safe_load(f) or {}
         except FileNotFoundError:
             raise UserError(f"config file not found: {path}")
+        except OSError as e:   # a directory, no permission, ...
+            raise UserError(f"cannot read config file {path}: {e.strerror}")
         except yaml.YAMLError as e:
             raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]})")
         if not isinstance(data, dict):
@@ -113,12 +177,11 @@ def load_config(path=None, overrides=()):
         key, sep, text = item.partition("=")
         if not sep:
             raise UserError(f"override '{item}' must look like key=value, e.g. train.epochs=3")
-        _set(cfg, key.strip(), yaml.safe_load(text), "command line")
-    t = cfg["train"]
-    if t["utts_per_speaker"] < 2:
-        raise UserError("train.utts_per_speaker must be >= 2 (one support and at least one query)")
-    if t["speakers_per_batch"] < 2:
-        raise UserError("train.speakers_per_batch must be >= 2 for the prototypical loss")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:   # e.g. model.channels=[16,32
+            raise UserError(f"override '{item}': '{text}' is not a valid YAML value")
+        _set(cfg, key.strip(), value, "command line")
     return cfg
 
 
