@@ -1,6 +1,7 @@
 """Training data: Kaldi data dirs, crop reads from ark files, episodic batches."""
 import os
 import struct
+from collections import Counter
 
 import kaldiio
 import numpy as np
@@ -9,14 +10,32 @@ import torch
 from capsv.utils import UserError, read_table
 
 
+def _table(data_dir, name):
+    """{key: value} of a two-column data-dir file; empty or repeated keys are errors naming the file."""
+    path = os.path.join(data_dir, name)
+    rows = read_table(path, 2)
+    if not rows:
+        raise UserError(f"{path} is empty (no utterances); re-run stage 0 and 1 for {data_dir}")
+    table = dict(rows)
+    if len(table) != len(rows):
+        dup = next(k for k, n in Counter(k for k, _ in rows).items() if n > 1)
+        raise UserError(f"{path} lists {dup} more than once; re-run stage 0 and 1 for {data_dir}")
+    return table
+
+
 def read_data_dir(data_dir, need=("feats.scp", "utt2spk", "utt2num_frames")):
     """The parts of a Kaldi data dir that training and scoring use, checked to agree."""
     for name in need:
         if not os.path.isfile(os.path.join(data_dir, name)):
             raise UserError(f"{data_dir}/{name} is missing; run stage 0 and 1 for this data dir first")
-    utt2spk = dict(read_table(os.path.join(data_dir, "utt2spk"), 2))
-    nframes = {u: int(n) for u, n in read_table(os.path.join(data_dir, "utt2num_frames"), 2)}
-    scp = dict(read_table(os.path.join(data_dir, "feats.scp"), 2))
+    utt2spk = _table(data_dir, "utt2spk")
+    nframes = {}
+    for utt, n in _table(data_dir, "utt2num_frames").items():
+        if not (n.isascii() and n.isdigit() and int(n) > 0):   # a crop of a zero-frame matrix is meaningless
+            raise UserError(f"{data_dir}/utt2num_frames: {utt} has '{n}' frames, not a positive integer; "
+                            f"re-run stage 1 (steps/make_fbank.sh) for {data_dir}")
+        nframes[utt] = int(n)
+    scp = _table(data_dir, "feats.scp")
     if not (utt2spk.keys() == nframes.keys() == scp.keys()):
         raise UserError(f"{data_dir}: utt2spk, utt2num_frames and feats.scp list different utterances; "
                         f"re-run stage 1 (steps/make_fbank.sh) for it")
@@ -46,6 +65,11 @@ class ArkReader:
         return f
 
     def read(self, utt, start=0, count=None):
+        """Rows start .. start+count-1 (to the end if count is None) of utt's matrix, as float32.
+
+        Rows past the matrix's end are an error, not a short read: utt2num_frames says more
+        frames than feats.scp holds, i.e. it is stale.
+        """
         spec = self.scp[utt]
         path, _, offset = spec.rpartition(":")
         if path and offset.isdigit():
@@ -57,26 +81,43 @@ class ArkReader:
             head = f.read(15)
             if head[:6] in (b"\0BFM \4", b"\0BDM \4") and head[10:11] == b"\4":
                 rows, cols = struct.unpack("<i", head[6:10])[0], struct.unpack("<i", head[11:15])[0]
+                count = self._check_range(utt, path, rows, start, count)
                 dtype = np.float32 if head[2:3] == b"F" else np.float64
-                count = rows - start if count is None else count
                 f.seek(int(offset) + 15 + start * cols * np.dtype(dtype).itemsize)
                 data = np.fromfile(f, dtype=dtype, count=count * cols)
                 if data.size != count * cols:
                     raise UserError(f"feature archive {path} is truncated at {utt}; re-run stage 1")
                 return data.reshape(count, cols).astype(np.float32, copy=False)
         mat = kaldiio.load_mat(spec)
-        return np.asarray(mat[start:None if count is None else start + count], dtype=np.float32)
+        count = self._check_range(utt, spec, len(mat), start, count)
+        return np.asarray(mat[start:start + count], dtype=np.float32)
+
+    @staticmethod
+    def _check_range(utt, where, rows, start, count):
+        count = rows - start if count is None else count
+        if start < 0 or count < 0 or start + count > rows:
+            raise UserError(f"{utt}: frames {start}-{start + count - 1} asked for, but its matrix in {where} has "
+                            f"{rows} rows; utt2num_frames is stale, re-run stage 1 (steps/make_fbank.sh)")
+        return count
 
     def __getstate__(self):
         return {"scp": self.scp, "_files": {}}
 
 
 def crop(reader, utt, num_frames, length, start):
-    """`length` rows from `start`; utterances shorter than a crop are repeated to fill it."""
+    """`length` rows from `start`; utterances shorter than a crop are repeated to fill it.
+
+    NaN or Inf rows are an error naming the utterance: one would make the loss NaN and, once
+    stepped, every weight, long before anyone looked.
+    """
     if num_frames >= length:
-        return reader.read(utt, start, length)
-    mat = reader.read(utt)
-    return np.take(mat, np.arange(length) % num_frames, axis=0)
+        out = reader.read(utt, start, length)
+    else:
+        out = np.take(reader.read(utt, 0, num_frames), np.arange(length) % num_frames, axis=0)
+    if not np.isfinite(out).all():
+        raise UserError(f"{utt}: its features hold NaN or Inf (in {reader.scp[utt]}); re-run stage 1 for it, "
+                        f"or remove it from the data dir")
+    return out
 
 
 class EpisodicBatches:
@@ -88,12 +129,15 @@ class EpisodicBatches:
     """
 
     def __init__(self, utt2spk, n_speakers, n_utts, seed):
-        self.spk2utts = {}
+        spk2utts = {}
         for utt, spk in sorted(utt2spk.items()):
-            self.spk2utts.setdefault(spk, []).append(utt)
+            spk2utts.setdefault(spk, []).append(utt)
+        # a speaker who cannot fill one group would never be in a batch (nor trained as a class)
+        self.spk2utts = {s: u for s, u in spk2utts.items() if len(u) >= n_utts}
+        self.skipped = sorted(s for s in spk2utts if s not in self.spk2utts)
         self.speakers = sorted(self.spk2utts)
         self.n, self.m, self.seed = n_speakers, n_utts, seed
-        usable = sum(len(u) >= n_utts for u in self.spk2utts.values())
+        usable = len(self.speakers)
         if usable < n_speakers:
             raise UserError(f"only {usable} training speakers have >= {n_utts} utterances, but a batch needs "
                             f"{n_speakers}; lower train.speakers_per_batch or train.utts_per_speaker")

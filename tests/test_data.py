@@ -1,0 +1,94 @@
+"""Data dirs and feature reads: stale, malformed or empty inputs are one clear UserError."""
+import kaldiio
+import numpy as np
+import pytest
+
+from capsv.data import ArkReader, EpisodicBatches, crop, read_data_dir
+from capsv.utils import UserError
+from test_train import make_data_dir
+
+
+def rewrite(path, edit):
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(edit(lines)))
+
+
+@pytest.mark.parametrize("bad", ["12x", "-3", "0", "1.5", "²"])
+def test_non_integer_frame_count_is_one_line(tmp_path, bad):
+    make_data_dir(tmp_path)
+    rewrite(tmp_path / "utt2num_frames", lambda ls: [f"spk0-u1 {bad}\n" if l.startswith("spk0-u1 ") else l
+                                                     for l in ls])
+    with pytest.raises(UserError, match=f"utt2num_frames: spk0-u1 has '{bad}' frames, not a positive integer; "
+                                        f"re-run stage 1"):
+        read_data_dir(tmp_path)
+
+
+@pytest.mark.parametrize("name", ["feats.scp", "utt2spk", "utt2num_frames"])
+def test_empty_file_is_named(tmp_path, name):
+    make_data_dir(tmp_path)
+    (tmp_path / name).write_text("")
+    with pytest.raises(UserError, match=f"{name} is empty \\(no utterances\\)"):
+        read_data_dir(tmp_path)
+
+
+def test_repeated_utterance_is_named(tmp_path):
+    make_data_dir(tmp_path)
+    rewrite(tmp_path / "feats.scp", lambda ls: ls + ls[:1])
+    with pytest.raises(UserError, match="feats.scp lists spk0-u0 more than once"):
+        read_data_dir(tmp_path)
+
+
+def write_compressed(d, feats):
+    kaldiio.save_ark(f"{d}/c.ark", feats, scp=f"{d}/c.scp", compression_method=2)
+    return dict(line.split() for line in open(f"{d}/c.scp"))
+
+
+@pytest.mark.parametrize("kind", ["plain", "compressed"])
+def test_read_past_the_matrix_end_is_stale_utt2num_frames(tmp_path, kind):
+    feats = make_data_dir(tmp_path)
+    _, _, scp = read_data_dir(tmp_path)
+    if kind == "compressed":                         # the kaldiio fallback path
+        scp = write_compressed(tmp_path, feats)
+    reader = ArkReader(scp)
+    n = len(feats["spk1-u2"])
+    assert reader.read("spk1-u2", n - 10, 10).shape == (10, 40)       # the last rows are fine
+    with pytest.raises(UserError, match=f"spk1-u2: frames {n - 5}-{n + 4} asked for, but its matrix in .* has {n} "
+                                        f"rows; utt2num_frames is stale, re-run stage 1"):
+        reader.read("spk1-u2", n - 5, 10)
+
+
+def test_short_utterance_with_stale_count_is_caught_too(tmp_path):
+    feats = make_data_dir(tmp_path)
+    _, _, scp = read_data_dir(tmp_path)
+    utt = min(feats, key=lambda u: len(feats[u]))
+    n = len(feats[utt])
+    assert n < 40
+    # utt2num_frames says n+2 rows (still shorter than the crop): the repeat-to-fill read must not
+    # quietly repeat fewer rows than it believes it has
+    with pytest.raises(UserError, match=f"{utt}: frames 0-{n + 1} asked for.*has {n} rows"):
+        crop(ArkReader(scp), utt, n + 2, 40, 0)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_features_name_the_utterance(tmp_path, bad):
+    feats = make_data_dir(tmp_path)
+    feats["spk3-u1"][7, 5] = bad
+    kaldiio.save_ark(f"{tmp_path}/bad.ark", {"spk3-u1": feats["spk3-u1"]}, scp=f"{tmp_path}/bad.scp")
+    _, nframes, scp = read_data_dir(tmp_path)
+    scp.update(line.split() for line in open(f"{tmp_path}/bad.scp"))
+    reader = ArkReader(scp)
+    with pytest.raises(UserError, match="spk3-u1: its features hold NaN or Inf"):
+        crop(reader, "spk3-u1", nframes["spk3-u1"], min(nframes["spk3-u1"], 20), 0)   # the crop holds row 7
+    crop(reader, "spk3-u1", nframes["spk3-u1"], 10, 10)                                # rows 10-19 are fine
+
+
+def test_speakers_with_too_few_utterances_are_left_out():
+    utt2spk = {f"s{s}-u{u}": f"s{s}" for s in range(4) for u in range(3)}
+    utt2spk.update({"s8-u0": "s8", "s9-u0": "s9", "s9-u1": "s9"})
+    b = EpisodicBatches(utt2spk, n_speakers=2, n_utts=3, seed=0)
+    assert b.speakers == ["s0", "s1", "s2", "s3"] and b.skipped == ["s8", "s9"]
+    for epoch in (1, 2):
+        used = {b.speakers[k] for batch in b.epoch(epoch) for k, _ in batch}
+        assert used == {"s0", "s1", "s2", "s3"}
+    with pytest.raises(UserError, match="only 4 training speakers have >= 3 utterances, but a batch needs 5"):
+        EpisodicBatches(utt2spk, n_speakers=5, n_utts=3, seed=0)
