@@ -1,5 +1,6 @@
 """Training: episodic batches, crop reads, checkpoints, identical resume, config errors."""
 import os
+import re
 import subprocess
 import sys
 
@@ -10,7 +11,11 @@ import pytest
 import torch
 
 from capsv import checkpoint
+from capsv.bin import train
+from capsv.config import load_config
 from capsv.data import ArkReader, EpisodeDataset, EpisodicBatches, crop, read_data_dir
+from capsv.losses import NPSoftmaxLoss
+from capsv.models.speaker_net import SpeakerNet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["model.channels=[4, 4, 8, 8]", "model.layers=[1, 1, 1, 1]", "model.embed_dim=16",
@@ -95,15 +100,15 @@ def test_training_resumes_identically(tmp_path):
     resumed = run_train(tmp_path / "data", tmp_path / "b", "train.epochs=3")
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming" in resumed.stderr
-    sa = torch.load(checkpoint.checkpoint_path(tmp_path / "a/models", 3), weights_only=False)
-    sb = torch.load(checkpoint.checkpoint_path(tmp_path / "b/models", 3), weights_only=False)
+    sa = torch.load(checkpoint.checkpoint_path(tmp_path / "a/models", 3), weights_only=True)
+    sb = torch.load(checkpoint.checkpoint_path(tmp_path / "b/models", 3), weights_only=True)
     for k, v in sa["model"].items():
         torch.testing.assert_close(v, sb["model"][k], rtol=0, atol=0)
     la, lb = pd.read_csv(tmp_path / "a/train_log.csv"), pd.read_csv(tmp_path / "b/train_log.csv")
     assert list(la.epoch) == list(lb.epoch) == [1, 2, 3]
     np.testing.assert_array_equal(la["loss"], lb["loss"])
     assert {"loss", "np_acc", "ce_acc", "lr", "seconds"} <= set(la.columns)
-    assert (tmp_path / "a/config.yaml").exists() and (tmp_path / "a/log/train.log").exists()
+    assert (tmp_path / "a/config.yaml").exists()
     # the lr follows the step decay: x0.95 every lr_decay_every (1 in the mini configs) epochs
     np.testing.assert_allclose(la["lr"], [1e-3, 0.95e-3, 0.95 ** 2 * 1e-3])
 
@@ -133,3 +138,146 @@ def test_gpu_asked_but_absent_is_clear(tmp_path):
     make_data_dir(tmp_path / "data")
     r = run_train(tmp_path / "data", tmp_path / "g", "device=cuda")
     assert r.returncode == 1 and "no GPU" in r.stderr and r.stderr.count("\n") == 1
+
+
+def one_line_error(r):
+    """The user-error convention: exit 1, one ERROR line (after any progress log lines), no traceback."""
+    assert r.returncode == 1, r.stderr
+    assert "Traceback" not in r.stderr
+    lines = r.stderr.strip().splitlines()
+    errors = [l for l in lines if not re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d capsv\.train ", l)]
+    assert len(errors) == 1 and errors[0] == lines[-1] and errors[0].startswith("ERROR: "), r.stderr
+    return errors[0]
+
+
+@pytest.mark.filterwarnings("ignore:for .*copying from a non-meta parameter")
+def test_resume_loads_on_cpu_whatever_the_device(tmp_path):
+    # On a GPU, loading with map_location=<the training device> moved the saved RNG states to it
+    # and torch.set_rng_state (CPU ByteTensors only) crashed every resume. The 'meta' device
+    # stands in for the GPU here: the model and optimiser live there, the RNG states must not.
+    make_data_dir(tmp_path / "data")
+    assert run_train(tmp_path / "data", tmp_path / "exp", "train.epochs=1").returncode == 0
+    models = tmp_path / "exp/models"
+    saved = checkpoint.load_latest(models)
+    cfg = load_config(f"{ROOT}/conf/mini/cap.yaml", SMALL)
+    net = SpeakerNet.from_config(cfg).to("meta")
+    loss_fn = NPSoftmaxLoss(cfg["model"]["embed_dim"], len(saved["speakers"]), 1.0).to("meta")
+    opt = torch.optim.Adam(list(net.parameters()) + list(loss_fn.parameters()), lr=1e-3)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.95)
+    before = torch.get_rng_state()
+    try:
+        epoch = train.resume(str(models), net, loss_fn, opt, sched, saved["speakers"], "data")
+        assert epoch == 1
+        assert torch.equal(torch.get_rng_state(), saved["rng"]["torch"])
+        moments = [v for st in opt.state.values() for k, v in st.items() if k == "exp_avg"]
+        assert moments and all(v.device.type == "meta" for v in moments)   # optimiser state follows the params
+    finally:
+        torch.set_rng_state(before)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_resume_on_gpu_is_identical(tmp_path):
+    make_data_dir(tmp_path / "data")
+    gpu = ["device=cuda", "train.amp=false"]
+    assert run_train(tmp_path / "data", tmp_path / "a", "train.epochs=2", *gpu).returncode == 0
+    assert run_train(tmp_path / "data", tmp_path / "b", "train.epochs=1", *gpu).returncode == 0
+    r = run_train(tmp_path / "data", tmp_path / "b", "train.epochs=2", *gpu)
+    assert r.returncode == 0 and "resuming" in r.stderr, r.stderr
+    la, lb = pd.read_csv(tmp_path / "a/train_log.csv"), pd.read_csv(tmp_path / "b/train_log.csv")
+    np.testing.assert_allclose(la["loss"], lb["loss"], rtol=1e-5)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("train.epochs=ten", "'train.epochs' must be an integer >= 1, got 'ten'"),
+    ("train.lr=-1", "'train.lr' must be a number > 0, got -1.0"),
+    ("eval.num_crops=0", "'eval.num_crops' must be an integer >= 1, got 0"),
+    ("train.lr_decay_every=0", "'train.lr_decay_every' must be an integer >= 1, got 0"),
+])
+def test_bad_config_value_fails_at_start(tmp_path, override, message):
+    make_data_dir(tmp_path / "data")
+    err = one_line_error(run_train(tmp_path / "data", tmp_path / "x", override))
+    assert message in err
+    assert not (tmp_path / "x").exists()     # failed before anything was written, not an epoch later
+
+
+def drop_utts(d, utts):
+    for name in ("utt2spk", "utt2num_frames", "feats.scp"):
+        p = d / name
+        p.write_text("".join(l for l in p.read_text().splitlines(keepends=True) if l.split()[0] not in utts))
+
+
+@pytest.mark.parametrize("case,message", [
+    ("non-integer frames", "utt2num_frames: spk2-u3 has 'abc' frames, not a positive integer; re-run stage 1"),
+    ("empty feats.scp", "feats.scp is empty (no utterances); re-run stage 0 and 1"),
+    ("empty data dir", "utt2spk is empty (no utterances); re-run stage 0 and 1"),
+])
+def test_bad_data_dir_is_one_line(tmp_path, case, message):
+    d = tmp_path / "data"
+    make_data_dir(d)
+    if case == "non-integer frames":
+        p = d / "utt2num_frames"
+        p.write_text("".join("spk2-u3 abc\n" if l.startswith("spk2-u3 ") else l
+                             for l in p.read_text().splitlines(keepends=True)))
+    elif case == "empty feats.scp":
+        (d / "feats.scp").write_text("")
+    else:
+        for name in ("utt2spk", "utt2num_frames", "feats.scp"):
+            (d / name).write_text("")
+    assert message in one_line_error(run_train(d, tmp_path / "x", "train.epochs=1"))
+
+
+def test_stale_utt2num_frames_stops_training_naming_the_utterance(tmp_path):
+    d = tmp_path / "data"
+    make_data_dir(d)
+    # features re-made shorter while utt2num_frames was kept: every count is now too large
+    (d / "utt2num_frames").write_text("".join(f"{u} {int(n) + 1000}\n" for u, n in
+                                              (l.split() for l in (d / "utt2num_frames").read_text().splitlines())))
+    err = one_line_error(run_train(d, tmp_path / "x", "train.epochs=1"))
+    assert re.search(r"spk\d-u\d: frames \d+-\d+ asked for, but its matrix in .* has \d+ rows; "
+                     r"utt2num_frames is stale, re-run stage 1", err), err
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_nan_features_stop_training_naming_the_utterance(tmp_path, workers):
+    d = tmp_path / "data"
+    feats = make_data_dir(d)
+    utt2spk, _, _ = read_data_dir(d)
+    first = EpisodicBatches(utt2spk, 3, 2, seed=1).epoch(1)[0][0][1][0]   # read in the first batch
+    feats[first][:] = np.nan
+    with kaldiio.WriteHelper(f"ark,scp:{d}/feats.ark,{d}/feats.scp") as w:
+        for k in sorted(feats):
+            w(k, feats[k])
+    r = run_train(d, tmp_path / "x", "train.epochs=1", f"train.num_workers={workers}")
+    assert f"ERROR: {first}: its features hold NaN or Inf" in one_line_error(r)   # a worker's error too
+    assert not (tmp_path / "x/models").exists()
+
+
+def test_speakers_with_too_few_utterances_are_logged_and_left_out(tmp_path):
+    d = tmp_path / "data"
+    make_data_dir(d, n_spk=6)
+    drop_utts(d, {"spk5-u1", "spk5-u2", "spk5-u3"})       # spk5 keeps one utterance; a group needs 2
+    r = run_train(d, tmp_path / "x", "train.epochs=1")
+    assert r.returncode == 0, r.stderr
+    assert "1 speakers with fewer than 2 utterances are not used" in r.stderr
+    state = checkpoint.load_latest(tmp_path / "x/models")
+    assert state["speakers"] == [f"spk{s}" for s in range(5)]
+
+
+def test_resume_with_another_pooling_is_refused(tmp_path):
+    make_data_dir(tmp_path / "data")
+    assert run_train(tmp_path / "data", tmp_path / "x", "train.epochs=1").returncode == 0
+    saved = (tmp_path / "x/config.yaml").read_text()
+    err = one_line_error(run_train(tmp_path / "data", tmp_path / "x", "train.epochs=2", "model.pooling=sap"))
+    assert "was trained with different model.pooling" in err and "use another --exp" in err
+    assert (tmp_path / "x/config.yaml").read_text() == saved
+    assert not (tmp_path / "x/models/epoch_0002.pt").exists()
+    # what may change on resumption (more epochs, workers) resumes
+    r = run_train(tmp_path / "data", tmp_path / "x", "train.epochs=2", "train.num_workers=1")
+    assert r.returncode == 0 and "resuming" in r.stderr, r.stderr
+
+
+def test_diverging_training_stops_before_saving_nan_weights(tmp_path):
+    make_data_dir(tmp_path / "data")
+    err = one_line_error(run_train(tmp_path / "data", tmp_path / "x", "train.epochs=1", "train.lr=1e30"))
+    assert "training diverged; lower train.lr" in err
+    assert not (tmp_path / "x/models").exists()

@@ -3,11 +3,12 @@
     python -m capsv.bin.train --config conf/mini/cap.yaml --data data/synth_train --exp exp/mini_cap \
         [key=value ...]
 
-Resumes from the newest checkpoint in <exp>/models. Writes <exp>/config.yaml, <exp>/models/,
-<exp>/train_log.csv and <exp>/log/train.log.
+Resumes from the newest checkpoint in <exp>/models. Writes <exp>/config.yaml, <exp>/models/ and
+<exp>/train_log.csv; log lines go to stderr (steps/train.sh puts them in <exp>/log/train.log).
 """
 import argparse
 import logging
+import math
 import os
 import time
 
@@ -36,13 +37,12 @@ def pick_device(name):
     return torch.device(name)
 
 
-def setup_logging(path):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fmt = logging.Formatter("%(asctime)s %(name)s %(message)s", "%Y-%m-%d %H:%M:%S")
-    log.handlers.clear()
-    for h in (logging.StreamHandler(), logging.FileHandler(path)):
-        h.setFormatter(fmt)
-        log.addHandler(h)
+def setup_logging():
+    """Log lines on stderr: steps/train.sh runs training through a job launcher, whose log
+    (<exp>/log/train.log) holds them, here or on a cluster node."""
+    h = logging.StreamHandler()
+    h.setFormatter(logging.Formatter("%(asctime)s %(name)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+    log.handlers[:] = [h]
     log.setLevel(logging.INFO)
 
 
@@ -58,17 +58,51 @@ def check_same_experiment(exp, cfg):
                         f"use another --exp, or delete {exp} to start over")
 
 
+def resume(models, net, loss_fn, opt, sched, speakers, data_dir):
+    """Restore model, loss, optimiser, scheduler and RNGs from the newest checkpoint; its epoch, or 0."""
+    # Loaded on the CPU whatever the device: torch.set_rng_state needs CPU ByteTensors, and
+    # load_state_dict copies model and optimiser tensors onto the parameters' device.
+    state = checkpoint.load_latest(models)
+    if state is None:
+        return 0
+    if state["speakers"] != speakers:
+        raise UserError(f"the checkpoints in {models} were trained on other speakers than {data_dir}; "
+                        f"use another --exp")
+    net.load_state_dict(state["model"])
+    loss_fn.load_state_dict(state["loss"])
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    checkpoint.set_rng_state(state["rng"])
+    return state["epoch"]
+
+
+def worker_error_line(e):
+    """A UserError raised in a DataLoader worker arrives with the worker's traceback: keep its own line."""
+    text = str(e).strip()
+    return text.splitlines()[-1].rsplit("UserError: ", 1)[-1] if "\n" in text else text
+
+
 def train_epoch(net, loss_fn, opt, loader, device, amp, desc):
     net.train()
     loss_fn.train()
     totals, n = {}, 0
     bar = progress(loader, desc=desc, leave=False)
-    for feats, speakers in bar:
+    batches = iter(bar)
+    while True:
+        try:
+            feats, speakers = next(batches)
+        except StopIteration:
+            break
+        except UserError as e:   # bad features met by a worker: one line, as from the main process
+            raise UserError(worker_error_line(e)) from None
         feats, speakers = feats.to(device, non_blocking=True), speakers.to(device)
         nspk, m, t, f = feats.shape
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             frames = net.frames(feats.view(nspk * m, t, f))
         loss, stats = loss_fn(net, frames.float().view(nspk, m, *frames.shape[1:]), speakers)
+        if not math.isfinite(stats["loss"]):   # stop before the step, so no checkpoint holds NaN weights
+            raise UserError(f"{desc}, batch {n + 1}: the loss is {stats['loss']} on finite features, so training "
+                            f"diverged; lower train.lr (re-running resumes from the last checkpoint)")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -84,12 +118,15 @@ def main():
     p.add_argument("--config", required=True, help="training YAML (conf/*.yaml, conf/mini/*.yaml)")
     p.add_argument("--data", required=True, help="training data dir with feats.scp, utt2spk, utt2num_frames")
     p.add_argument("--exp", required=True, help="experiment dir")
+    p.add_argument("--check", action="store_true",
+                   help="only check the config, the data dir and the exp dir, then exit (steps/train.sh runs "
+                        "this before it submits the job)")
     p.add_argument("overrides", nargs="*", help="config overrides key=value, e.g. train.epochs=3")
     args = p.parse_args()
 
     cfg = load_config(args.config, args.overrides)
     check_same_experiment(args.exp, cfg)
-    setup_logging(os.path.join(args.exp, "log", "train.log"))
+    setup_logging()
     device = pick_device(cfg["device"])
     tc = cfg["train"]
     amp = tc["amp"] and device.type == "cuda"
@@ -100,6 +137,11 @@ def main():
         raise UserError(f"{args.data}/feats.scp has {feat_dim}-dim features but model.n_mels is "
                         f"{cfg['model']['n_mels']}; fix conf/fbank.conf or the config")
     sampler = EpisodicBatches(utt2spk, tc["speakers_per_batch"], tc["utts_per_speaker"], cfg["seed"])
+    if sampler.skipped:
+        log.info(f"{len(sampler.skipped)} speakers with fewer than {tc['utts_per_speaker']} utterances are not used "
+                 f"(train.utts_per_speaker), e.g. {sampler.skipped[0]}")
+    if args.check:
+        return
 
     torch.manual_seed(cfg["seed"])
     np.random.seed(cfg["seed"])
@@ -109,19 +151,9 @@ def main():
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=tc["lr_decay_every"], gamma=tc["lr_decay"])
 
     models = os.path.join(args.exp, "models")
-    state = checkpoint.load_latest(models, map_location=device)
-    start = 1
-    if state is not None:
-        if state["speakers"] != sampler.speakers:
-            raise UserError(f"the checkpoints in {models} were trained on other speakers than {args.data}; "
-                            f"use another --exp")
-        net.load_state_dict(state["model"])
-        loss_fn.load_state_dict(state["loss"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        checkpoint.set_rng_state(state["rng"])
-        start = state["epoch"] + 1
-        log.info(f"resuming from {models} epoch {state['epoch']}")
+    start = resume(models, net, loss_fn, opt, sched, sampler.speakers, args.data) + 1
+    if start > 1:
+        log.info(f"resuming from {models} epoch {start - 1}")
     with atomic_open(os.path.join(args.exp, "config.yaml")) as f:
         f.write(dump_config(cfg))
 
