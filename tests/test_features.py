@@ -143,7 +143,7 @@ def test_compute_fbank_cli(tmp_path):
     feats = dict(kaldiio.load_scp(str(tmp_path / "out" / "f.scp")))
     assert [feats[f"u{i}"].shape for i in range(3)] == [(98, 40)] * 3
     assert (tmp_path / "out" / "u2nf").read_text() == "u0 98\nu1 98\nu2 98\n"
-    assert sorted(os.listdir(tmp_path / "out")) == ["f.ark", "f.scp", "u2nf"]   # no temporaries left
+    assert sorted(os.listdir(tmp_path / "out")) == ["f.ark", "f.scp", "f.scp.done", "u2nf"]   # no temporaries left
 
 
 # ---------------------------------------------------------------- against kaldi-native-fbank

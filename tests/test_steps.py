@@ -210,7 +210,7 @@ def test_make_fbank(tmp_path):
     assert "OK (3 utterances, 2 speakers, features checked)" in r.stdout
     scp = (d / "feats.scp").read_text().splitlines()
     assert [line.split()[0] for line in scp] == sorted(lengths)
-    assert all(line.split()[1].startswith(f"{tmp_path}/fbank/raw_fbank_t.") for line in scp)
+    assert all(line.split()[1].startswith(f"{tmp_path}/fbank/t/raw_fbank.") for line in scp)
     want = {u: 1 + (n - 400) // 160 for u, n in lengths.items()}
     assert (d / "utt2num_frames").read_text() == "".join(f"{u} {want[u]}\n" for u in sorted(lengths))
     for u, m in kaldiio.load_scp(str(d / "feats.scp")).items():

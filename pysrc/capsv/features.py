@@ -168,4 +168,7 @@ def compute_fbank(wave, sr, opts, utt="<utterance>"):
     if feats.shape[0] == 0:
         raise UserError(f"utterance {utt}: audio too short for one frame ({n} samples); "
                         f"remove the utterance from the data dir")
+    if not torch.isfinite(feats).all():
+        raise UserError(f"utterance {utt}: its features hold NaN or Inf (the audio has non-finite samples); "
+                        f"replace the file or remove the utterance from the data dir")
     return feats.numpy().astype(np.float32, copy=False)
