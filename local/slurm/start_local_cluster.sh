@@ -103,11 +103,14 @@ PartitionName=local Nodes=$node Default=YES MaxTime=INFINITE State=UP
 CONF
 mv "$conf.tmp" "$conf"
 
-# --- the daemons (each forks into the background itself)
-pgrep -x slurmctld > /dev/null || slurmctld || die "slurmctld did not start; see $logdir/slurmctld.log"
-pgrep -x slurmd > /dev/null || slurmd || die "slurmd did not start; see $logdir/slurmd.log"
+# --- the daemons (each forks into the background itself), unless running already. By pid file:
+# a container's init may not reap, so an exited daemon can linger as a zombie of the same name.
+running() { local p; p=$(cat "$1" 2>/dev/null) && [ -n "$p" ] && [[ $(ps -o stat= -p "$p" 2>/dev/null) =~ ^[^Z] ]]; }
+running /run/slurmctld.pid || slurmctld || die "slurmctld did not start; see $logdir/slurmctld.log"
+running /run/slurmd.pid || slurmd || die "slurmd did not start; see $logdir/slurmd.log"
 
-for ((i = 0; i < wait_s; i++)); do
+SECONDS=0
+for ((i = 0; SECONDS < wait_s; i++)); do
   if node_up; then
     echo "$prog: Slurm is up: $(sinfo -h -o '%P %D %t %N' | head -n 1) (config $conf, logs $logdir)"
     exit 0
@@ -119,6 +122,6 @@ for ((i = 0; i < wait_s; i++)); do
   sleep 1
 done
 
-echo "$prog: ERROR: node $node not idle after ${wait_s}s; sinfo says '$(sinfo -h -o '%t %E' 2>&1 | head -n 1)'; last lines of the logs:" >&2
+echo "$prog: ERROR: node $node not idle after ${SECONDS}s; sinfo says '$(sinfo -h -o '%t %E' 2>&1 | head -n 1)'; last lines of the logs:" >&2
 tail -n 5 "$logdir/slurmctld.log" "$logdir/slurmd.log" >&2 2>/dev/null || true
 exit 1

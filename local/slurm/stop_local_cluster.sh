@@ -14,8 +14,11 @@ if [ ! -f "$conf" ] || ! grep -qxF "$marker" "$conf"; then
   exit 1
 fi
 
-# the pid of a daemon from its pid file, if that process is still alive
-alive() { local p; p=$(cat "$1" 2>/dev/null) && [ -n "$p" ] && kill -0 "$p" 2>/dev/null && echo "$p"; }
+# the pid of a daemon from its pid file, if that process is still alive (an exited daemon may
+# linger as a zombie where the container's init does not reap)
+alive() {
+  local p; p=$(cat "$1" 2>/dev/null) && [ -n "$p" ] && [[ $(ps -o stat= -p "$p" 2>/dev/null) =~ ^[^Z] ]] && echo "$p"
+}
 
 scontrol shutdown 2>/dev/null || true
 for _ in $(seq 30); do
