@@ -17,7 +17,8 @@
 #   --gpu N -> --gres=gpu:N (0: none)    --max-jobs-run N -> array throttle %N
 #   --partition P   --account A   --sbatch-opt WORD (repeatable, passed to sbatch verbatim)
 # An argument that is exactly a shell operator (| || && ; > >> < 2>&1) stays an operator, so
-# `\|` pipes as in Kaldi; every other argument is passed quoted.
+# `\|` pipes as in Kaldi; every other argument is passed quoted. As in Kaldi, JOB is replaced
+# wherever it appears, $SLURM_JOB_ID included: use such variables in a script, not inline.
 set -euo pipefail
 
 prog=$(basename "$0")
