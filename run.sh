@@ -99,6 +99,23 @@ fi
 train_dir=$data/$train_name
 test_dir=$data/$test_name
 
+# One run per experiment: a lock on each directory this run writes, held (flock) until the run and
+# every job it started have ended, however they end. A lock file whose holder is gone is taken over.
+locks=()
+lock() {
+  local dir=$1 fd holder
+  mkdir -p "$dir"
+  exec {fd}<>"$dir/.run.lock"
+  holder=$(cat "$dir/.run.lock")
+  flock -n "$fd" || die "$dir is in use by ${holder:-another run}; wait for it to end or stop it (lock: $dir/.run.lock)"
+  [ -z "$holder" ] || log "taking over the lock of $dir from $holder, which is no longer running"
+  echo "run.sh pid $$ on host $(hostname) since $(date '+%F %T')" > "$dir/.run.lock"
+  locks+=("$dir/.run.lock")
+}
+trap 'for f in ${locks[@]+"${locks[@]}"}; do : > "$f"; done' EXIT   # a clean end leaves no holder named
+if [ $stage -le 1 ]; then lock "$train_dir"; lock "$test_dir"; fi
+if [ $stop_stage -ge 2 ]; then lock "$expdir"; fi
+
 if [ $stage -le 0 ] && [ $stop_stage -ge 0 ]; then
   if [ -n "$train_set" ]; then
     log "stage 0: copying your data dirs $train_set and $test_set into $data/"

@@ -127,8 +127,10 @@ for t in "$data"/trials "$data"/trials_*; do
     NF != 3 { printf "line %d has %d fields, expected <enroll> <test> target|nontarget", FNR, NF; exit }
     $3 != "target" && $3 != "nontarget" { printf "line %d: label %s is not target or nontarget", FNR, $3; exit }
     !($1 in known) { printf "line %d: unknown utterance %s", FNR, $1; exit }
-    !($2 in known) { printf "line %d: unknown utterance %s", FNR, $2; exit }' "$data/utt2spk" "$t")
-  [ -z "$bad" ] || fail "$t" "$bad" "every trial needs two utterances of utt2spk and a target/nontarget label: regenerate it (stage 0)"
+    !($2 in known) { printf "line %d: unknown utterance %s", FNR, $2; exit }
+    ($1 " " $2) in seen { printf "line %d repeats the trial of line %d", FNR, seen[$1 " " $2]; exit }
+    { seen[$1 " " $2] = FNR }' "$data/utt2spk" "$t")
+  [ -z "$bad" ] || fail "$t" "$bad" "every trial needs two utterances of utt2spk and a target/nontarget label, once: regenerate it (stage 0)"
   ntrials=$((ntrials + $(wc -l < "$t")))
 done
 

@@ -103,17 +103,25 @@ def test_unknown_config_key_from_run_sh(recipe):
     assert "unknown config key 'train.epoch'" in line and "train.epochs" in line
 
 
-def test_trials_naming_unknown_utterance(recipe):
+@pytest.mark.parametrize("bad_line,message", [
+    ("te0001-u001 nosuchspk-u009 target", "trials name utterance 'nosuchspk-u009' that is not in the data dir"),
+    ("te0001-u001 te0001-u002", ":4: expected 3 fields `<enroll> <test> target|nontarget`, got 2"),
+    ("te0001-u001 te0002-u002 1", ":4: label must be `target` or `nontarget`, got '1'"),
+    (None, ":4: trial `{0}` repeats line 1"),
+])
+def test_bad_trials_stop_scoring(recipe, bad_line, message):
+    """Stage 3's entry point on a trials file with one bad line: one line naming file and line, no score file."""
     tmp, _ = recipe
     bad = tmp / "bad_trials"
     good = (tmp / "data/synth_test/trials").read_text().splitlines()
-    bad.write_text("\n".join(good[:3] + ["te0001-u001 nosuchspk-u009 target"]) + "\n")
+    first = " ".join(good[0].split()[:2])
+    bad.write_text("\n".join(good[:3] + [bad_line or good[0]]) + "\n")
     out = tmp / "exp/tiny_cap/scores/bad.score"
     r = subprocess.run(["bash", "-c", ". ./path.sh && python -m capsv.bin.score --exp $0 --data $1 --trials $2 --out $3",
                         str(tmp / "exp/tiny_cap"), str(tmp / "data/synth_test"), str(bad), str(out)],
                        cwd=ROOT, capture_output=True, text=True)
     line = one_error_line(r)
-    assert "nosuchspk-u009" in line and str(bad) in line
+    assert str(bad) in line and message.format(first) in line
     assert not out.exists()
 
 

@@ -182,6 +182,8 @@ def test_validate_trials_unknown_utt(tmp_path):
     one_error(validate(d, "--no-feats"), "trials: line 2: unknown utterance s9-z")
     (d / "trials").write_text("s1-a s1-b 1\n")
     one_error(validate(d, "--no-feats"), "label 1 is not target or nontarget")
+    (d / "trials").write_text("s1-a s1-b target\ns1-a s2-a nontarget\ns1-a s1-b target\n")
+    one_error(validate(d, "--no-feats"), "trials: line 3 repeats the trial of line 1")
 
 
 def test_validate_wav_and_feats(tmp_path):

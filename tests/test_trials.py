@@ -1,4 +1,5 @@
 """Trials parsing, VoxCeleb list conversion, score files, and the compute_metrics CLI."""
+import hashlib
 import os
 import subprocess
 import sys
@@ -142,11 +143,9 @@ def test_compute_metrics_cli(tmp_path):
     eer, _ = compute_eer(scores, labels)
     dcf5, _ = compute_min_dcf(scores, labels, 0.05)
     dcf1, _ = compute_min_dcf(scores, labels, 0.01)
-    assert f"trials: {tp}\n" in text
-    assert f"n_trials: 400 ({labels.sum()} target, {400 - labels.sum()} nontarget)" in text
-    assert f"EER: {eer * 100:.2f} % " in text
-    assert f"minDCF(p=0.05): {dcf5:.4f} " in text
-    assert f"minDCF(p=0.01): {dcf1:.4f} " in text
+    [row] = [l.split() for l in text.splitlines() if not l.startswith("#")]
+    assert row == ["synth_test", f"{eer * 100:.2f}", f"{dcf5:.4f}", f"{dcf1:.4f}", "400", str(labels.sum()),
+                   "-", hashlib.sha256(tp.read_bytes()).hexdigest(), str(tp)]   # "-": no .json beside the scores
     assert det.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -157,9 +156,21 @@ def test_compute_metrics_cli_several_lists(tmp_path):
     r = run_cli("--trials", a[0], "--scores", a[1], "--trials", b[0], "--scores", b[1],
                 "--results", res, "--det", tmp_path / "det.png")
     assert r.returncode == 0, r.stderr
-    text = res.read_text()
-    assert text.count("EER: ") == 2 and text.count("minDCF(p=0.05): ") == 2
-    assert text.index(str(a[0])) < text.index(str(b[0]))
+    rows = [l.split() for l in res.read_text().splitlines() if not l.startswith("#")]
+    assert [r[0] for r in rows] == ["test_a", "test_b"] and [r[8] for r in rows] == [str(a[0]), str(b[0])]
+    assert [r[4] for r in rows] == ["300", "200"]
+
+
+def test_compute_metrics_refuses_scores_of_another_trials_version(tmp_path):
+    tp, sp, _, _ = make_set(tmp_path, "synth_test", 50, 2.0, 0)
+    sp.with_name(sp.name + ".json").write_text('{"epoch": 7, "trials_sha256": "0000"}')
+    r = run_cli("--trials", tp, "--scores", sp, "--results", tmp_path / "res.txt")
+    assert r.returncode == 1 and r.stderr.count("\n") == 1
+    assert f"{sp} was scored on another version of {tp}; re-run stage 3" in r.stderr
+    sp.with_name(sp.name + ".json").write_text(
+        '{"epoch": 7, "trials_sha256": "%s"}' % hashlib.sha256(tp.read_bytes()).hexdigest())
+    r = run_cli("--trials", tp, "--scores", sp, "--results", tmp_path / "res.txt")
+    assert r.returncode == 0 and (tmp_path / "res.txt").read_text().splitlines()[2].split()[6] == "7"
 
 
 def test_compute_metrics_cli_mismatch(tmp_path):

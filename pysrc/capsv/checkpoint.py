@@ -121,6 +121,9 @@ def save_checkpoint(models_dir, epoch, state, keep=0):
     err = plain_data_error(state)
     if err:   # a programming error: never write what load_latest would refuse
         raise TypeError(f"checkpoints hold tensors and plain containers only: {err}")
+    # temporaries of writes that were killed (the run holds the exp dir's lock: no other writer)
+    for tmp in glob.glob(os.path.join(models_dir, ".epoch_*.tmp")):
+        os.remove(tmp)
     _write(checkpoint_path(models_dir, epoch), state)
     if keep > 0:
         for _, old in list_checkpoints(models_dir)[keep:]:

@@ -30,6 +30,7 @@ def read_trials(path, known_utts=None):
     must be in it; otherwise a UserError names the first unknown one and the count.
     """
     trials = []
+    first_line = {}
     with _open_input(path, "trials file", "run stage 0 (data preparation) first") as f:
         for n, line in enumerate(f, 1):
             toks = line.split()
@@ -42,6 +43,11 @@ def read_trials(path, known_utts=None):
             if label is None:
                 raise UserError(f"{path}:{n}: label must be `target` or `nontarget`, got {toks[2]!r}; "
                                 f"fix or regenerate the trials")
+            pair = (toks[0], toks[1])
+            if pair in first_line:
+                raise UserError(f"{path}:{n}: trial `{toks[0]} {toks[1]}` repeats line {first_line[pair]}; "
+                                f"keep each trial once (fix or regenerate the trials)")
+            first_line[pair] = n
             trials.append((toks[0], toks[1], label))
     if known_utts is not None:
         unknown = []
