@@ -281,3 +281,26 @@ def test_diverging_training_stops_before_saving_nan_weights(tmp_path):
     err = one_line_error(run_train(tmp_path / "data", tmp_path / "x", "train.epochs=1", "train.lr=1e30"))
     assert "training diverged; lower train.lr" in err
     assert not (tmp_path / "x/models").exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
+def test_checkpoint_write_out_of_disk_keeps_the_previous_one(tmp_path):
+    """The exp dir on a tmpfs sized so that epoch 1's checkpoint fits and epoch 2's does not:
+    one line, the previous checkpoint intact, no partial file left."""
+    make_data_dir(tmp_path / "data")
+    assert run_train(tmp_path / "data", tmp_path / "probe", "train.epochs=1").returncode == 0
+    size = sum(f.stat().st_size for f in (tmp_path / "probe").rglob("*") if f.is_file())
+    exp = tmp_path / "exp"
+    exp.mkdir()
+    kb = (size * 3 // 2 + 4095) // 4096 * 4   # room for one epoch's files and half a checkpoint more
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={kb}k", "tmpfs", str(exp)]).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        r = run_train(tmp_path / "data", exp, "train.epochs=3")
+        line = one_line_error(r)
+        assert f"no space left on the device of {exp}/models writing epoch 2's checkpoint" in line
+        assert "epoch_0001.pt, is intact" in line
+        assert sorted(os.listdir(exp / "models")) == ["epoch_0001.pt", "epoch_0001.pt.sha256"]
+        assert checkpoint.load_latest(str(exp / "models"))["epoch"] == 1
+    finally:
+        subprocess.run(["umount", str(exp)])

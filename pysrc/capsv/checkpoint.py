@@ -12,6 +12,7 @@ load if torch can read them; those of versions that stored numpy RNG state are r
 `python -m capsv.checkpoint --convert-trusted FILE` rewrites one you made yourself.
 """
 import argparse
+import errno
 import glob
 import hashlib
 import io
@@ -124,7 +125,15 @@ def save_checkpoint(models_dir, epoch, state, keep=0):
     # temporaries of writes that were killed (the run holds the exp dir's lock: no other writer)
     for tmp in glob.glob(os.path.join(models_dir, ".epoch_*.tmp")):
         os.remove(tmp)
-    _write(checkpoint_path(models_dir, epoch), state)
+    try:
+        _write(checkpoint_path(models_dir, epoch), state)
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        kept = [os.path.basename(p) for _, p in list_checkpoints(models_dir)[:1]]
+        raise UserError(f"no space left on the device of {models_dir} writing epoch {epoch}'s checkpoint; "
+                        f"{'the newest complete one, ' + kept[0] + ', is intact' if kept else 'nothing was kept'}: "
+                        f"free some space and re-run stage 2, which resumes from it") from None
     if keep > 0:
         for _, old in list_checkpoints(models_dir)[keep:]:
             os.remove(old)
