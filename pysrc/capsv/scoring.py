@@ -1,17 +1,36 @@
 """Evaluation protocol (DESIGN §2): 10 evenly spaced crops of 350 frames per utterance,
 score = mean cosine over the 10 x 10 crop pairs of a trial.
 
-The trunk runs once per utterance (all its crops in one batch). TAP/SAP embeddings do not
-depend on the partner, so the mean of the 100 cosines is the dot product of the two mean
-unit-length crop embeddings. CAP pools every crop pair jointly; trials are batched and the
-fast identity keeps that a few small matrix products per pair.
+Three steps, each done once for what it depends on:
+
+1. the trunk runs once per utterance, all its crops in one batch (bf16 autocast on a GPU);
+2. per utterance, what does not depend on the trial partner goes into a `ScoringCache` row.
+   TAP/SAP: the mean of the unit-length crop embeddings (the 100 cosines average to one dot
+   product). CAP, per crop (DESIGN §2.1, §7): the unit projected frames Ŝ, their sum m (divided
+   by T·τ), the frames times the head's BatchNorm scale / T (U) and the BN-affine of the frame
+   mean (c). The head is BN (eval: affine) -> ReLU -> fc, and the pooled vector is
+   x̄ + (1/T) Σ_t w_t x_t, so the pre-ReLU vector of a crop pair is c + wᵀU; the fc is replaced
+   by its C x C triangular factor R (RᵀR = WᵀW keeps every cosine);
+3. trials are scored in batches from the cache: per crop pair and side, the attention logits
+   (Ŝ_x G_y m_x with G_y m_x = Ŝ_yᵀ(Ŝ_y m_x), no Gram matrix held), a softmax over 88 frames,
+   one weighted sum, a ReLU and a 128 x 128 product.
+
+Memory is bounded by a budget, not by the number of utterances: a cache that does not fit is
+written to a scratch file, and the trials are then scored block by block (`_blocks`).
 """
+import os
+import tempfile
+import weakref
+from collections.abc import Mapping
+
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from capsv.data import crop
+from capsv.models.pooling import cap_cross_logits, cap_unit_frames
 from capsv.utils import progress
+
+_EPS = 1e-12   # F.normalize's floor on a norm, kept so a zero embedding scores 0 as before
 
 
 def crop_starts(num_frames, length, num_crops):
@@ -24,32 +43,250 @@ def utterance_crops(reader, utt, num_frames, length, num_crops):
 
 
 @torch.no_grad()
-def crop_frames(net, reader, nframes, utts, ecfg, device, utts_per_batch=8):
-    """utt -> trunk outputs of its crops [num_crops, T', C] (float32, on `device`)."""
-    out = {}
+def trunk_batches(net, reader, nframes, utts, ecfg, device, utts_per_batch=8):
+    """Yield (utts, trunk outputs [n, num_crops, T', C] float32 on `device`), each utterance once.
+
+    On a GPU the trunk runs under bf16 autocast (as in training); what follows is float32.
+    """
     for i in progress(range(0, len(utts), utts_per_batch), desc="trunk", leave=False):
         chunk = utts[i:i + utts_per_batch]
         feats = np.concatenate([utterance_crops(reader, u, nframes[u], ecfg["crop_frames"], ecfg["num_crops"])
                                 for u in chunk])
-        frames = net.frames(torch.from_numpy(feats).to(device)).float()
-        for j, u in enumerate(chunk):
-            out[u] = frames[j * ecfg["num_crops"]:(j + 1) * ecfg["num_crops"]]
-    return out
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            frames = net.frames(torch.from_numpy(feats).to(device))
+        yield chunk, frames.float().view(len(chunk), ecfg["num_crops"], *frames.shape[1:])
+
+
+def utterance_cache(net, reader, nframes, utts, ecfg, device, utts_per_batch=8, mem_bytes=None, spill_dir=None):
+    """The `ScoringCache` of `utts`: trunk once per utterance, then its partner-independent rows."""
+    return build_cache(net, utts, trunk_batches(net, reader, nframes, utts, ecfg, device, utts_per_batch), device,
+                       mem_bytes, spill_dir)
 
 
 @torch.no_grad()
-def score_trials(net, frames, trials, trial_batch):
-    """Mean cosine over all crop pairs, for each (enroll, test, ...) trial, in trial order."""
+def partner_independent(net, frames):
+    """The cache fields of utterances with trunk outputs frames [n, K, T, C], in their dtype (float32 from the trunk).
+
+    CAP: s [n,K,T,D] unit projected frames, m [n,K,D] their sum / (T tau), u [n,K,T,C] frames * BN scale / T,
+    c [n,K,C] BN scale * frame mean + BN shift. TAP/SAP: e [n,E] mean unit crop embedding.
+    """
     if not net.pair_dependent:
-        utts = sorted(frames)
-        emb = {u: F.normalize(net.embed(net.pool.single(frames[u])), dim=-1).mean(0) for u in utts}
-        return np.array([float(emb[e] @ emb[t]) for e, t, *_ in trials])
-    scores = []
-    for i in progress(range(0, len(trials), trial_batch), desc="CAP trials", leave=False):
-        chunk = trials[i:i + trial_batch]
-        a = torch.stack([frames[e] for e, *_ in chunk])        # [B, crops, T', C]
-        b = torch.stack([frames[t] for _, t, *_ in chunk])
-        ea, eb = net.embed_grid(a, b)                           # [B, crops_b, crops_a, E]
-        cos = (F.normalize(ea, dim=-1) * F.normalize(eb, dim=-1)).sum(-1)
-        scores.append(cos.mean(dim=(-1, -2)).cpu().numpy())
-    return np.concatenate(scores) if scores else np.zeros(0)
+        emb = net.embed(net.pool.single(frames))
+        return {"e": (emb / emb.norm(dim=-1, keepdim=True).clamp_min(_EPS)).mean(1)}
+    t = frames.shape[-2]
+    scale, shift = net.head_affine()
+    s = cap_unit_frames(net.pool, frames)
+    return {"s": s, "m": s.sum(-2) / (t * net.pool.tau), "u": frames * (scale / t), "c": frames.mean(-2) * scale + shift}
+
+
+def build_cache(net, utts, batches, device, mem_bytes=None, spill_dir=None):
+    """Fill a ScoringCache for `utts` from (chunk_utts, frames) batches given in `utts` order."""
+    cache = None
+    for chunk, frames in batches:
+        fields = partner_independent(net, frames)
+        if cache is None:
+            cache = ScoringCache(utts, {k: v.shape[1:] for k, v in fields.items()}, device, mem_bytes, spill_dir,
+                                 frames.dtype)
+        cache.put(chunk, fields)
+    if cache is None:      # no utterances (a scoring job with no trials): an empty cache
+        cache = ScoringCache([], {}, device, mem_bytes, spill_dir)
+    return cache
+
+
+def default_budget(device):
+    """Bytes a cache may hold: half of the free GPU memory, or half of the available RAM."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0] // 2
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        return int(info["MemAvailable"].split()[0]) * 1024 // 2
+    except (OSError, KeyError, ValueError):
+        return 4 << 30
+
+
+class ScoringCache:
+    """One row per utterance (float32 from the trunk) of each named field.
+
+    Held in memory on `device` (one contiguous tensor per field: gathers from strided views measured
+    several times slower) when N rows fit in `mem_bytes`; otherwise written to a scratch file in
+    `spill_dir` (rows of the fields side by side; removed with the cache) and read back block by block
+    when trials are scored.
+    """
+
+    def __init__(self, utts, shapes, device, mem_bytes=None, spill_dir=None, dtype=torch.float32):
+        self.utts = list(utts)
+        self.row = {u: i for i, u in enumerate(self.utts)}
+        self.shapes = {k: tuple(s) for k, s in shapes.items()}
+        self.sizes = {k: int(np.prod(s)) for k, s in self.shapes.items()}
+        self.row_floats = sum(self.sizes.values())
+        self.device, self.dtype = device, dtype
+        self.itemsize = torch.empty(0, dtype=dtype).element_size()
+        self.mem_bytes = default_budget(device) if mem_bytes is None else mem_bytes
+        self.nbytes = len(self.utts) * self.row_floats * self.itemsize
+        self.in_memory = self.nbytes <= self.mem_bytes
+        if self.in_memory:
+            self.data = {k: torch.empty(len(self.utts), *s, device=device, dtype=dtype) for k, s in self.shapes.items()}
+            self.path = None
+        else:
+            fd, self.path = tempfile.mkstemp(prefix="capsv-cache.", suffix=".bin", dir=spill_dir)
+            self._file = os.fdopen(fd, "w+b")
+            self._cleanup = weakref.finalize(self, _remove, self._file, self.path)   # also at exit
+        self.peak_bytes = self.nbytes if self.in_memory else 0   # most row bytes held at once (read by tests)
+
+    @property
+    def rows_per_block(self):
+        """Rows in one block when spilled: scoring holds two blocks at a time."""
+        return max(1, int(self.mem_bytes // (2 * self.row_floats * self.itemsize)))
+
+    def put(self, utts, fields):
+        rows = [self.row[u] for u in utts]
+        first = rows[0]
+        if rows != list(range(first, first + len(rows))):
+            raise ValueError("ScoringCache.put: utterances must come in cache order")
+        if self.in_memory:
+            for k, v in self.data.items():
+                v[first:first + len(rows)] = fields[k]
+        else:
+            flat = torch.cat([fields[k].reshape(len(utts), -1).to(self.dtype) for k in self.shapes], dim=1)
+            self._file.seek(first * self.row_floats * self.itemsize)
+            self._file.write(flat.cpu().numpy().tobytes())
+
+    def load(self, rows):
+        """Rows (ascending row numbers) read from the scratch file: {field: [n, *shape] on the device}."""
+        self._file.flush()
+        out = {k: torch.empty(len(rows), *shape, dtype=self.dtype) for k, shape in self.shapes.items()}
+        arrays = [out[k].numpy().reshape(len(rows), -1) for k in self.shapes]
+        row_bytes = self.row_floats * self.itemsize
+        for n, r in enumerate(rows):
+            self._file.seek(int(r) * row_bytes)
+            for a in arrays:      # straight into each field's row: no second copy of the block
+                if self._file.readinto(memoryview(a[n]).cast("B")) != a[n].nbytes:
+                    raise OSError(f"{self.path}: short read (scratch file changed or disk full?)")
+        return {k: v.to(self.device) for k, v in out.items()}
+
+    def close(self):
+        """Remove the scratch file now (it goes anyway when the cache is garbage or the process exits)."""
+        if self.path is not None:
+            self._cleanup()
+
+
+def _remove(f, path):
+    f.close()
+    if os.path.exists(path):
+        os.remove(path)
+
+
+def cache_from_frames(net, frames, utts_per_batch=64):
+    """An in-memory ScoringCache from a {utt: trunk outputs [K, T', C]} dict (tests and benchmarks)."""
+    utts = sorted(frames)
+    device = next(iter(frames.values())).device
+    batches = ((utts[i:i + utts_per_batch], torch.stack([frames[u] for u in utts[i:i + utts_per_batch]]))
+               for i in range(0, len(utts), utts_per_batch))
+    return build_cache(net, utts, batches, device, mem_bytes=float("inf"))
+
+
+@torch.no_grad()
+def score_trials(net, cache, trials, trial_batch):
+    """Mean cosine over all crop pairs, for each (enroll, test, ...) trial, in trial order (float64).
+
+    `cache` is a ScoringCache (or a {utt: trunk outputs} dict, cached here in memory). Trials are scored
+    `trial_batch` at a time; memory beyond the cache is a few batch-sized tensors.
+    """
+    if isinstance(cache, Mapping):
+        cache = cache_from_frames(net, cache)
+    scores = np.zeros(len(trials))
+    if not trials:
+        return scores
+    ia = np.array([cache.row[e] for e, *_ in trials])
+    ib = np.array([cache.row[t] for _, t, *_ in trials])
+    pair = _CapPairs(net) if net.pair_dependent else _dot
+    for sel, fa, la, fb, lb in _blocks(cache, ia, ib):
+        for i in progress(range(0, len(sel), trial_batch), desc="trials", leave=False):
+            j = slice(i, i + trial_batch)
+            got = pair(fa, torch.as_tensor(la[j], device=cache.device), fb, torch.as_tensor(lb[j], device=cache.device))
+            scores[sel[j]] = got.double().cpu().numpy()
+    return scores
+
+
+def _blocks(cache, ia, ib):
+    """Yield (trial numbers, enroll fields, their local rows, test fields, their local rows).
+
+    In memory: one group, everything. Spilled: the rows are cut into blocks of `rows_per_block`; each trial
+    goes to the lower block of its two utterances. For each such block p, p's rows are loaded once, and the
+    rows its trials need from other blocks are streamed in chunks of at most `rows_per_block`: two blocks'
+    worth of rows in memory at any time, whatever the number of utterances or trials.
+    """
+    if cache.in_memory:
+        f = cache.data
+        yield np.arange(len(ia)), f, ia, f, ib
+        return
+    per = cache.rows_per_block
+    low = np.minimum(ia, ib) // per
+    order = np.argsort(low, kind="stable")
+    for p, sel in zip(*_groups(low[order], order)):
+        start, end = p * per, min((p + 1) * per, len(cache.utts))
+        home = cache.load(np.arange(start, end))
+        a, b = ia[sel], ib[sel]
+        a_home, b_home = (a >= start) & (a < end), (b >= start) & (b < end)
+        both = a_home & b_home
+        if both.any():
+            yield sel[both], home, a[both] - start, home, b[both] - start
+        row_bytes = cache.row_floats * cache.itemsize
+        cache.peak_bytes = max(cache.peak_bytes, (end - start) * row_bytes)
+        away = np.unique(np.concatenate([a[~a_home], b[~b_home]]))
+        for k in range(0, len(away), per):
+            rows = away[k:k + per]
+            chunk = cache.load(rows)
+            cache.peak_bytes = max(cache.peak_bytes, (end - start + len(rows)) * row_bytes)
+            a_in, b_in = np.isin(a, rows), np.isin(b, rows)
+            m = b_home & a_in                   # enrollment streamed, test at home
+            if m.any():
+                yield sel[m], chunk, np.searchsorted(rows, a[m]), home, b[m] - start
+            m = a_home & b_in
+            if m.any():
+                yield sel[m], home, a[m] - start, chunk, np.searchsorted(rows, b[m])
+            del chunk
+
+
+def _groups(keys, order):
+    """(distinct keys, the members of each) of sorted `keys`, members taken from `order`."""
+    cuts = np.flatnonzero(np.diff(keys)) + 1
+    return keys[np.concatenate(([0], cuts))], np.split(order, cuts)
+
+
+def _dot(fa, ia, fb, ib):
+    """TAP/SAP: the mean of the crop-pair cosines is the dot product of the mean unit crop embeddings."""
+    return (fa["e"][ia] * fb["e"][ib]).sum(-1)
+
+
+class _CapPairs:
+    """CAP scores of a batch of trials from cached rows (see the module docstring)."""
+
+    def __init__(self, net):
+        self.r = net.head_factor()                  # [E', C], E' = min(E, C)
+        self.buffers = {}
+
+    def gather(self, name, src, idx):
+        """src[idx] into a buffer kept across batches: fresh 10-100 MB tensors each batch cost page faults."""
+        buf = self.buffers.get(name)
+        if buf is None or buf.shape[1:] != src.shape[1:] or len(buf) < len(idx):
+            buf = self.buffers[name] = torch.empty(len(idx), *src.shape[1:], dtype=src.dtype, device=src.device)
+        return torch.index_select(src, 0, idx, out=buf[:len(idx)])
+
+    def __call__(self, fa, ia, fb, ib):
+        a = {k: self.gather("a" + k, v, ia) for k, v in fa.items()}
+        b = {k: self.gather("b" + k, v, ib) for k, v in fb.items()}
+        za = self.side(a["s"], a["m"], a["u"], a["c"], b["s"])      # [B, Ka, Kb, E']
+        zb = self.side(b["s"], b["m"], b["u"], b["c"], a["s"])      # [B, Kb, Ka, E']
+        zb = zb.transpose(1, 2)
+        num = (za * zb).sum(-1)
+        den = za.norm(dim=-1).clamp_min(_EPS) * zb.norm(dim=-1).clamp_min(_EPS)
+        return (num / den).mean(dim=(1, 2))
+
+    def side(self, sx, mx, ux, cx, sy):
+        """Head outputs (times R) of x's crops pooled against each of y's crops: [B, Kx, Ky, E']."""
+        b, kx, tx, _ = sx.shape
+        w = torch.softmax(cap_cross_logits(sx, mx, sy), dim=-1)                    # [(B, i), j, t]
+        h = torch.baddbmm(cx.reshape(b * kx, 1, -1), w, ux.reshape(b * kx, tx, -1))  # c + w^T U: BN(pooled)
+        return (torch.relu_(h) @ self.r.T).view(b, kx, sy.shape[1], -1)

@@ -26,7 +26,7 @@ from capsv.bin.train import pick_device
 from capsv.config import load_config
 from capsv.data import ArkReader, read_data_dir
 from capsv.models.speaker_net import SpeakerNet
-from capsv.scoring import crop_frames, score_trials
+from capsv.scoring import score_trials, utterance_cache
 from capsv.trials import read_trials, write_scores
 from capsv.utils import UserError, atomic_open, run_main, sha256
 
@@ -125,7 +125,8 @@ def main():
 
     utts = sorted({u for _, _, part, _, _ in lists for e, t, _ in part for u in (e, t)})
     t0 = time.time()
-    frames = crop_frames(net, ArkReader(scp), nframes, utts, cfg["eval"], device)
+    frames = utterance_cache(net, ArkReader(scp), nframes, utts, cfg["eval"], device,
+                             spill_dir=os.path.dirname(os.path.abspath(lists[0][1])))
     t1 = time.time()
     for trials_path, out_path, part, first, total in lists:
         scores = score_trials(net, frames, part, cfg["eval"]["trial_batch"])

@@ -83,6 +83,31 @@ class CAP(nn.Module):
         return x.mean(dim=-2).unsqueeze(-3) + torch.einsum("...ont,...ntc->...onc", w, x) / t
 
 
+def cap_unit_frames(cap, x):
+    """Ŝ: the L2-normalised meta-projected frames of x [..., T, C] -> [..., T, D]. Partner-independent, so
+    scoring computes it once per crop (capsv.scoring)."""
+    return F.normalize(torch.relu(cap.proj(x)), dim=-1)
+
+
+def cap_cross_logits(sx, mx, sy):
+    """Attention logits of every crop of x against every crop of y, from partner-independent quantities.
+
+    sx [B, Kx, Tx, D] unit frames of x, mx [B, Kx, D] their sum divided by Tx * tau, sy [B, Ky, Ty, D] unit
+    frames of y. Returns [B * Kx, Ky, Tx]: logits[(b, i), j, t] = sx[b,i,t] . G_y[b,j] mx[b,i] (DESIGN §2.1),
+    softmax over t gives the weights of eq. 11. G_y m is taken as sy^T (sy m): that costs 2 Ty D per crop
+    pair instead of D^2, but no D x D Gram matrix is stored per crop (64 KB at D = 128, more than sy
+    itself) or gathered per trial, which measured slower on the CPU. Every product is a plain bmm whose
+    operands are contiguous or a single transpose, the layouts MKL ran fastest.
+    """
+    b, kx, tx, d = sx.shape
+    ky, ty = sy.shape[1], sy.shape[2]
+    y = mx @ sy.reshape(b, ky * ty, d).transpose(1, 2)                      # sy m: [B, Kx, Ky * Ty]
+    y = y.view(b, kx, ky, ty).transpose(1, 2).reshape(b * ky, kx, ty)       # [(B, j), i, s]
+    v = torch.bmm(y, sy.reshape(b * ky, ty, d))                              # G_y m: [(B, j), i, D]
+    v = v.view(b, ky, kx, d).transpose(1, 2).reshape(b * kx, ky, d)        # [(B, i), j, D]
+    return torch.bmm(v, sx.reshape(b * kx, tx, d).transpose(1, 2))          # [(B, i), j, t]
+
+
 def cap_pair_direct(cap, s, q):
     """Eq. 9-12 for one pair, literally: s [Ts, C], q [Tq, C] -> (e_s, e_q). Test oracle only."""
     S = torch.relu(cap.proj(s))
