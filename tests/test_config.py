@@ -83,6 +83,12 @@ BAD_VALUES = [
     ("train.utts_per_speaker=1", "'train.utts_per_speaker' must be an integer >= 2, got 1"),
     ("seed=-1", "'seed' must be an integer in [0, 4294967295], got -1"),
     ("train.amp=3", "'train.amp' must be true or false, got 3"),
+    ("train.tf32=yes please", "'train.tf32' must be true or false, got 'yes please'"),
+    ("train.channels_last=1", "'train.channels_last' must be true or false, got 1"),
+    ("train.compile=auto", "'train.compile' must be true or false, got 'auto'"),
+    ("train.sync_bn=0", "'train.sync_bn' must be true or false, got 0"),
+    ("train.dist_timeout_s=0", "'train.dist_timeout_s' must be an integer >= 1, got 0"),
+    ("train.prefetch_factor=0", "'train.prefetch_factor' must be an integer >= 1, got 0"),
     ("model.channels=[16, 32", "override 'model.channels=[16, 32': '[16, 32' is not a valid YAML value"),
 ]
 

@@ -35,7 +35,17 @@ DEFAULTS = {
         "lr_decay_every": 10,        # epochs
         "softmax_weight": 1.0,       # NP + softmax, equal weights
         "amp": True,                 # mixed precision on GPU (ignored on CPU)
+        # GPU throughput switches, CUDA only (ignored on CPU, said once in the log). Defaults are
+        # reasoned, not measured (local/gpu_check.sh measures each): TF32 for the fp32 matmuls and
+        # convolutions left outside autocast; channels_last because NHWC is cuDNN's native layout
+        # for bf16 tensor-core convolutions; compile off until it is shown to pay for its start-up.
+        "tf32": True,                # TF32 matmuls and cuDNN convolutions
+        "channels_last": True,       # NHWC memory format for the trunk's 4-D weights and activations
+        "compile": False,            # torch.compile of the trunk
+        "sync_bn": True,             # several GPUs: SyncBatchNorm, so BN sees the global batch as one GPU does
+        "dist_timeout_s": 900,       # several ranks: a collective waiting longer ends the job (a rank hung)
         "num_workers": 4,
+        "prefetch_factor": 2,        # batches each loader worker reads ahead
         "keep_checkpoints": 5,       # newest epochs kept in models/ (0 keeps all)
     },
     "eval": {
@@ -73,6 +83,8 @@ RANGES = {
     "train.lr_decay_every": (1, False, None, False),
     "train.softmax_weight": (0, False, None, False),
     "train.num_workers": (0, False, None, False),
+    "train.prefetch_factor": (1, False, None, False),
+    "train.dist_timeout_s": (1, False, None, False),
     "train.keep_checkpoints": (0, False, None, False),   # 0 keeps all
     "eval.num_crops": (1, False, None, False),
     "eval.crop_frames": (1, False, None, False),
