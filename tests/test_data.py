@@ -2,8 +2,9 @@
 import kaldiio
 import numpy as np
 import pytest
+import torch
 
-from capsv.data import ArkReader, EpisodicBatches, crop, read_data_dir
+from capsv.data import ArkReader, EpisodeDataset, EpisodeLoader, EpisodicBatches, crop, read_data_dir
 from capsv.utils import UserError
 from test_train import make_data_dir
 
@@ -92,3 +93,46 @@ def test_speakers_with_too_few_utterances_are_left_out():
         assert used == {"s0", "s1", "s2", "s3"}
     with pytest.raises(UserError, match="only 4 training speakers have >= 3 utterances, but a batch needs 5"):
         EpisodicBatches(utt2spk, n_speakers=5, n_utts=3, seed=0)
+
+
+def load_epochs(d, part, workers, epochs=(1, 2)):
+    """Every batch of `epochs` as one EpisodeLoader yields them (its workers persist across epochs)."""
+    utt2spk, nframes, scp = read_data_dir(d)
+    sampler = EpisodicBatches(utt2spk, 4, 2, seed=3)
+    loader = EpisodeLoader(ArkReader(scp), nframes, 40, 3, part, num_workers=workers)
+    return [[(x.clone(), s.clone()) for x, s in loader.epoch(e, sampler.epoch(e))] for e in epochs]
+
+
+def test_batches_are_the_same_whatever_the_workers_and_ranks(tmp_path):
+    make_data_dir(tmp_path, n_spk=6, n_utt=5)
+    one = load_epochs(tmp_path, (0, 1), 0)
+    assert len(one[0]) >= 2 and not torch.equal(one[0][0][0], one[1][0][0])   # epochs differ
+    for e, batches in enumerate(load_epochs(tmp_path, (0, 1), 2)):
+        for (x, s), (x1, s1) in zip(batches, one[e], strict=True):
+            assert torch.equal(x, x1) and torch.equal(s, s1)
+    # two ranks: rank r holds speakers [2r, 2r + 2) of each batch, with the 1-process crops
+    r0, r1 = load_epochs(tmp_path, (0, 2), 2), load_epochs(tmp_path, (1, 2), 0)
+    for e in range(2):
+        for (x0, s0), (x1, s1), (x, s) in zip(r0[e], r1[e], one[e], strict=True):
+            assert x0.shape == (2, 2, 40, 40)
+            assert torch.equal(torch.cat([x0, x1]), x) and torch.equal(torch.cat([s0, s1]), s)
+    # and the per-epoch dataset gives the same batches
+    utt2spk, nframes, scp = read_data_dir(tmp_path)
+    batches = EpisodicBatches(utt2spk, 4, 2, seed=3).epoch(2)
+    ds = EpisodeDataset(ArkReader(scp), nframes, batches, 40, 3, 2, part=(1, 2))
+    assert all(torch.equal(ds[i][0], r1[1][i][0]) for i in range(len(ds)))
+
+
+def test_a_rank_reads_only_its_own_speakers(tmp_path):
+    make_data_dir(tmp_path, n_spk=6, n_utt=5)
+    utt2spk, nframes, scp = read_data_dir(tmp_path)
+    batch = EpisodicBatches(utt2spk, 4, 2, seed=3).epoch(1)[0]
+
+    class Counting(ArkReader):
+        def read(self, utt, start=0, count=None):
+            self.seen.add(utt)
+            return super().read(utt, start, count)
+    reader = Counting(scp)
+    reader.seen = set()
+    EpisodeDataset(reader, nframes, [batch], 40, 3, 1, part=(1, 2))[0]
+    assert reader.seen == {u for _, utts in batch[2:] for u in utts}

@@ -168,24 +168,87 @@ class EpisodicBatches:
         return batches
 
 
-class EpisodeDataset(torch.utils.data.Dataset):
-    """Item i of an epoch: features [N, M, crop, F] and speaker indices [N]; crops fixed by (seed, epoch, i)."""
+def episode(reader, nframes, groups, crop_frames, seed, epoch, index, part=(0, 1)):
+    """Batch `index` of an epoch, as the block of its speakers that rank part[0] of part[1] holds:
+    features [n, M, crop, F] and speaker indices [n], n = N / part[1].
 
-    def __init__(self, reader, nframes, batches, crop_frames, seed, epoch):
+    Crop starts are fixed by (seed, epoch, index): every start of the whole batch is drawn, in
+    the same order whatever the part, so a rank reads exactly the crops a 1-process run reads
+    for its speakers (and only those).
+    """
+    rank, world = part
+    n = len(groups) // world
+    lo, hi = rank * n, (rank + 1) * n
+    rng = np.random.default_rng([seed, epoch, 1, index])
+    feats = []
+    for g, (_, utts) in enumerate(groups):
+        for utt in utts:
+            nf = nframes[utt]
+            start = int(rng.integers(0, max(nf - crop_frames, 0) + 1))
+            if lo <= g < hi:
+                feats.append(crop(reader, utt, nf, crop_frames, start))
+    m = len(groups[0][1])
+    x = torch.from_numpy(np.stack(feats)).view(n, m, crop_frames, -1)
+    return x, torch.tensor([k for k, _ in groups[lo:hi]])
+
+
+class EpisodeDataset(torch.utils.data.Dataset):
+    """Item i of an epoch: features [n, M, crop, F] and speaker indices [n]; crops fixed by (seed, epoch, i)."""
+
+    def __init__(self, reader, nframes, batches, crop_frames, seed, epoch, part=(0, 1)):
         self.reader, self.nframes, self.batches = reader, nframes, batches
-        self.crop_frames, self.seed, self.epoch = crop_frames, seed, epoch
+        self.crop_frames, self.seed, self.epoch, self.part = crop_frames, seed, epoch, part
 
     def __len__(self):
         return len(self.batches)
 
     def __getitem__(self, i):
-        rng = np.random.default_rng([self.seed, self.epoch, 1, i])
-        feats = []
-        for _, utts in self.batches[i]:
-            for utt in utts:
-                nf = self.nframes[utt]
-                start = int(rng.integers(0, max(nf - self.crop_frames, 0) + 1))
-                feats.append(crop(self.reader, utt, nf, self.crop_frames, start))
-        n, m = len(self.batches[i]), len(self.batches[i][0][1])
-        x = torch.from_numpy(np.stack(feats)).view(n, m, self.crop_frames, -1)
-        return x, torch.tensor([k for k, _ in self.batches[i]])
+        return episode(self.reader, self.nframes, self.batches[i], self.crop_frames, self.seed, self.epoch, i,
+                       self.part)
+
+
+class _EpochKeys(torch.utils.data.Sampler):
+    """The keys (epoch, index, groups) of the current epoch's batches; set in the main process,
+    read by the loader there, so workers that persist across epochs get each epoch's batches."""
+
+    def __init__(self):
+        self.epoch, self.batches = 0, []
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __iter__(self):
+        return ((self.epoch, i, groups) for i, groups in enumerate(self.batches))
+
+
+class _KeyedEpisodes(torch.utils.data.Dataset):
+    def __init__(self, reader, nframes, crop_frames, seed, part):
+        self.reader, self.nframes, self.crop_frames, self.seed, self.part = reader, nframes, crop_frames, seed, part
+
+    def __getitem__(self, key):
+        epoch, index, groups = key
+        return episode(self.reader, self.nframes, groups, self.crop_frames, self.seed, epoch, index, self.part)
+
+
+class EpisodeLoader:
+    """Every epoch's batches (this rank's part of each) through one DataLoader.
+
+    Workers read crops straight from the ark files; with num_workers > 0 they persist across
+    epochs (no start-up stall, ark handles kept open) and each reads prefetch_factor batches
+    ahead; pinned memory makes the copy to a GPU asynchronous. What a batch holds depends only
+    on (seed, epoch, index), never on the number of workers or ranks.
+    """
+
+    def __init__(self, reader, nframes, crop_frames, seed, part=(0, 1), num_workers=0, pin_memory=False,
+                 prefetch_factor=2):
+        self.keys = _EpochKeys()
+        kw = {"persistent_workers": True, "prefetch_factor": prefetch_factor} if num_workers > 0 else {}
+        # its own generator: making worker seeds must not advance the global RNG a checkpoint records
+        self.loader = torch.utils.data.DataLoader(
+            _KeyedEpisodes(reader, nframes, crop_frames, seed, part), batch_size=None, sampler=self.keys,
+            num_workers=num_workers, pin_memory=pin_memory, generator=torch.Generator().manual_seed(seed), **kw)
+
+    def epoch(self, epoch, batches):
+        """An iterable over the epoch's batches (len() = their number)."""
+        self.keys.epoch, self.keys.batches = epoch, batches
+        return self.loader
