@@ -3,6 +3,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 
 import kaldiio
 import numpy as np
@@ -107,7 +108,9 @@ def test_training_resumes_identically(tmp_path):
     la, lb = pd.read_csv(tmp_path / "a/train_log.csv"), pd.read_csv(tmp_path / "b/train_log.csv")
     assert list(la.epoch) == list(lb.epoch) == [1, 2, 3]
     np.testing.assert_array_equal(la["loss"], lb["loss"])
-    assert {"loss", "np_acc", "ce_acc", "lr", "seconds"} <= set(la.columns)
+    assert {"loss", "np_acc", "ce_acc", "lr", "seconds", "data_wait"} <= set(la.columns)
+    assert ((la["data_wait"] >= 0) & (la["data_wait"] < 1)).all()
+    assert re.search(r"epoch 3: loss .* s, data wait \d+\.\d %", resumed.stderr)
     assert (tmp_path / "a/config.yaml").exists()
     # the lr follows the step decay: x0.95 every lr_decay_every (1 in the mini configs) epochs
     np.testing.assert_allclose(la["lr"], [1e-3, 0.95e-3, 0.95 ** 2 * 1e-3])
@@ -304,3 +307,45 @@ def test_checkpoint_write_out_of_disk_keeps_the_previous_one(tmp_path):
         assert checkpoint.load_latest(str(exp / "models"))["epoch"] == 1
     finally:
         subprocess.run(["umount", str(exp)])
+
+
+class SlowLoader:
+    """Batches that take `delay` seconds each to arrive."""
+
+    def __init__(self, batches, delay):
+        self.batches, self.delay = batches, delay
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __iter__(self):
+        for b in self.batches:
+            time.sleep(self.delay)
+            yield b
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.2])
+def test_data_wait_is_the_share_of_step_time_blocked_on_the_loader(tmp_path, delay):
+    cfg = load_config(f"{ROOT}/conf/mini/cap.yaml", SMALL)
+    torch.manual_seed(0)
+    net = SpeakerNet.from_config(cfg)
+    loss_fn = NPSoftmaxLoss(cfg["model"]["embed_dim"], 5)
+    opt = torch.optim.Adam(list(net.parameters()) + list(loss_fn.parameters()), lr=1e-3)
+    batches = [(torch.randn(3, 2, 40, 40), torch.tensor([0, 1, 2])) for _ in range(3)]
+    step = train.TrainStep(net, loss_fn)
+    train.train_epoch(step, opt, batches[:1], torch.device("cpu"), "warm-up")   # first calls are slow
+    t0 = time.perf_counter()
+    stats = train.train_epoch(step, opt, SlowLoader(batches, delay), torch.device("cpu"), "epoch 1/1")
+    total = time.perf_counter() - t0
+    assert stats["data_wait"] == pytest.approx(3 * delay / total, abs=0.05)
+    assert (stats["data_wait"] > train.DATA_WAIT_WARN) == (delay > 0)   # each step here takes well under 0.2 s
+
+
+def test_a_loader_bound_epoch_is_warned(caplog):
+    stats = {"loss": 1.0, "np_loss": 0.5, "ce_loss": 0.5, "np_acc": 0.5, "ce_acc": 0.5}
+    caplog.set_level("INFO", logger="capsv.train")
+    train.report_epoch(3, {**stats, "data_wait": 0.08}, 1e-3, 10, 5.0, 4)
+    assert "data wait 8.0 %" in caplog.text and "WARNING" not in caplog.text
+    train.report_epoch(4, {**stats, "data_wait": 0.25}, 1e-3, 10, 5.0, 4)
+    assert "WARNING: epoch 4 spent 25 % of its step time waiting for data (over 10 %); raise train.num_workers " \
+           "(now 4)" in caplog.text

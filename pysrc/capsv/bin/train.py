@@ -16,15 +16,21 @@ import numpy as np
 import pandas as pd
 import torch
 
-from capsv import checkpoint
+from torch import nn
+
+from capsv import checkpoint, distributed
 from capsv.config import dump_config, flatten, load_config
-from capsv.data import ArkReader, EpisodeDataset, EpisodicBatches, read_data_dir
+from capsv.data import ArkReader, EpisodeLoader, EpisodicBatches, read_data_dir
+from capsv.distributed import SINGLE, RankError
 from capsv.losses import NPSoftmaxLoss
 from capsv.models.speaker_net import SpeakerNet
-from capsv.utils import UserError, atomic_open, progress, run_main
+from capsv.utils import UserError, atomic_open, progress
 
 # What may change between a run and its resumption; anything else means a different experiment.
-RESUMABLE_KEYS = {"train.epochs", "train.num_workers", "train.keep_checkpoints", "device"}
+# The number of ranks is not a key: a run resumes on any number of GPUs (the objective is the same).
+RESUMABLE_KEYS = {"train.epochs", "train.num_workers", "train.prefetch_factor", "train.keep_checkpoints", "device",
+                  "train.channels_last", "train.compile", "train.dist_timeout_s"}
+DATA_WAIT_WARN = 0.10   # share of step time spent waiting for the loader above which the log warns
 log = logging.getLogger("capsv.train")
 
 
@@ -37,13 +43,13 @@ def pick_device(name):
     return torch.device(name)
 
 
-def setup_logging():
+def setup_logging(rank=0):
     """Log lines on stderr: steps/train.sh runs training through a job launcher, whose log
-    (<exp>/log/train.log) holds them, here or on a cluster node."""
+    (<exp>/log/train.log) holds them, here or on a cluster node. Only rank 0 logs."""
     h = logging.StreamHandler()
     h.setFormatter(logging.Formatter("%(asctime)s %(name)s %(message)s", "%Y-%m-%d %H:%M:%S"))
     log.handlers[:] = [h]
-    log.setLevel(logging.INFO)
+    log.setLevel(logging.INFO if rank == 0 else logging.ERROR)
 
 
 def check_same_experiment(exp, cfg):
@@ -58,13 +64,24 @@ def check_same_experiment(exp, cfg):
                         f"use another --exp, or delete {exp} to start over")
 
 
-def resume(models, net, loss_fn, opt, sched, speakers, data_dir):
-    """Restore model, loss, optimiser, scheduler and RNGs from the newest checkpoint; its epoch, or 0."""
+def resume(models, net, loss_fn, opt, sched, speakers, data_dir, part=SINGLE):
+    """Restore model, loss, optimiser, scheduler and RNGs from the newest checkpoint; its epoch, or 0.
+
+    Across ranks, rank 0 picks the checkpoint (and alone reports damaged ones) and every rank
+    loads that same file: the un-wrapped model's state, whatever the number of ranks that wrote it.
+    """
     # Loaded on the CPU whatever the device: torch.set_rng_state needs CPU ByteTensors, and
     # load_state_dict copies model and optimiser tensors onto the parameters' device.
-    state = checkpoint.load_latest(models)
-    if state is None:
+    state = checkpoint.load_latest(models) if part.rank == 0 else None
+    epoch = part.broadcast_int(state["epoch"] if state is not None else 0)
+    if epoch == 0:
         return 0
+    if part.rank != 0:
+        try:
+            state = checkpoint.read_checkpoint(checkpoint.checkpoint_path(models, epoch))
+        except ValueError as e:
+            raise RankError(f"{checkpoint.checkpoint_path(models, epoch)} read by rank 0 cannot be read here ({e}); "
+                            f"is {models} on a filesystem every node sees?") from None
     if state["speakers"] != speakers:
         raise UserError(f"the checkpoints in {models} were trained on other speakers than {data_dir}; "
                         f"use another --exp")
@@ -82,24 +99,43 @@ def worker_error_line(e):
     return text.splitlines()[-1].rsplit("UserError: ", 1)[-1] if "\n" in text else text
 
 
-def train_epoch(net, loss_fn, opt, loader, device, amp, desc):
-    net.train()
-    loss_fn.train()
+class TrainStep(nn.Module):
+    """One training step's forward as one module, so DDP can wrap it: the trunk on this rank's
+    crops (bf16 autocast with `amp`), then the loss over the global batch (capsv.losses)."""
+
+    def __init__(self, net, loss_fn, part=SINGLE, amp=False):
+        super().__init__()
+        self.net, self.loss_fn, self.part, self.amp = net, loss_fn, part, amp
+
+    def forward(self, feats, speakers):
+        nspk, m, t, f = feats.shape
+        with torch.autocast(feats.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            frames = self.net.frames(feats.view(nspk * m, t, f))
+        if frames.dtype in (torch.bfloat16, torch.float16):   # the head and loss run in full precision
+            frames = frames.float()
+        return self.loss_fn(self.net, frames.view(nspk, m, *frames.shape[1:]), speakers, self.part)
+
+
+def train_epoch(step, opt, loader, device, desc, part=SINGLE):
+    """One epoch; the mean stats of its batches, and `data_wait`: the share of the epoch's step time
+    spent blocked on the loader (across ranks, the largest: the slowest loader holds everyone up)."""
+    step.train()
     totals, n = {}, 0
-    bar = progress(loader, desc=desc, leave=False)
-    batches = iter(bar)
+    bar = progress(loader, desc=desc, leave=False) if part.rank == 0 else None   # other ranks stay quiet
+    batches = iter(bar if bar is not None else loader)
+    wait = 0.0
+    t_start = time.perf_counter()
     while True:
+        t0 = time.perf_counter()
         try:
             feats, speakers = next(batches)
         except StopIteration:
             break
-        except UserError as e:   # bad features met by a worker: one line, as from the main process
-            raise UserError(worker_error_line(e)) from None
+        except UserError as e:   # bad features met by a worker (or here): one line, naming the rank
+            raise RankError(worker_error_line(e)) from None
+        wait += time.perf_counter() - t0
         feats, speakers = feats.to(device, non_blocking=True), speakers.to(device)
-        nspk, m, t, f = feats.shape
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            frames = net.frames(feats.view(nspk * m, t, f))
-        loss, stats = loss_fn(net, frames.float().view(nspk, m, *frames.shape[1:]), speakers)
+        loss, stats = step(feats, speakers)
         if not math.isfinite(stats["loss"]):   # stop before the step, so no checkpoint holds NaN weights
             raise UserError(f"{desc}, batch {n + 1}: the loss is {stats['loss']} on finite features, so training "
                             f"diverged; lower train.lr (re-running resumes from the last checkpoint)")
@@ -109,8 +145,38 @@ def train_epoch(net, loss_fn, opt, loader, device, amp, desc):
         for k, v in stats.items():
             totals[k] = totals.get(k, 0.0) + v
         n += 1
-        bar.set_postfix(loss=f"{totals['loss'] / n:.3f}", acc=f"{totals['np_acc'] / n:.3f}")
-    return {k: v / max(n, 1) for k, v in totals.items()}
+        if bar is not None:
+            bar.set_postfix(loss=f"{totals['loss'] / n:.3f}", acc=f"{totals['np_acc'] / n:.3f}")
+    total = time.perf_counter() - t_start
+    out = {k: v / max(n, 1) for k, v in totals.items()}
+    out["data_wait"] = part.max(wait / total if total > 0 else 0.0)
+    return out
+
+
+def report_epoch(epoch, stats, lr, nbatches, seconds, num_workers):
+    log.info(f"epoch {epoch}: loss {stats['loss']:.4f} (np {stats['np_loss']:.4f}, ce {stats['ce_loss']:.4f}) "
+             f"np_acc {stats['np_acc']:.3f} ce_acc {stats['ce_acc']:.3f} lr {lr:.6g} "
+             f"{nbatches} batches {seconds:.1f} s, data wait {100 * stats['data_wait']:.1f} %")
+    if stats["data_wait"] > DATA_WAIT_WARN:
+        log.warning(f"WARNING: epoch {epoch} spent {100 * stats['data_wait']:.0f} % of its step time waiting for "
+                    f"data (over {100 * DATA_WAIT_WARN:.0f} %); raise train.num_workers (now {num_workers}) or put "
+                    f"the feature arks on faster storage")
+
+
+def gpu_switches(tc, device, world):
+    """Apply the CUDA-only throughput switches; on the CPU say once which are ignored."""
+    asked = [k for k in ("amp", "tf32", "channels_last", "compile") if tc[k]]
+    if world > 1 and tc["sync_bn"]:
+        asked.append("sync_bn")
+    if device.type != "cuda":
+        if asked:
+            log.info(f"{', '.join('train.' + k for k in asked)}: CUDA only, ignored on {device.type}"
+                     + (" (BatchNorm statistics are per rank)" if "sync_bn" in asked else ""))
+        return {"amp": False, "channels_last": False, "compile": False, "sync_bn": False}
+    torch.backends.cuda.matmul.allow_tf32 = tc["tf32"]
+    torch.backends.cudnn.allow_tf32 = tc["tf32"]
+    return {"amp": tc["amp"], "channels_last": tc["channels_last"], "compile": tc["compile"],
+            "sync_bn": world > 1 and tc["sync_bn"]}
 
 
 def main():
@@ -121,15 +187,22 @@ def main():
     p.add_argument("--check", action="store_true",
                    help="only check the config, the data dir and the exp dir, then exit (steps/train.sh runs "
                         "this before it submits the job)")
+    p.add_argument("--world-size", type=int, default=1,
+                   help="with --check: the number of ranks the job will run (train.speakers_per_batch must divide)")
     p.add_argument("overrides", nargs="*", help="config overrides key=value, e.g. train.epochs=3")
     args = p.parse_args()
 
+    env = distributed.launched()   # (rank, world, local rank, local world) under torchrun
+    rank, world = (env[0], env[1]) if env else (0, 1 if not args.check else args.world_size)
+    setup_logging(rank)
     cfg = load_config(args.config, args.overrides)
     check_same_experiment(args.exp, cfg)
-    setup_logging()
     device = pick_device(cfg["device"])
     tc = cfg["train"]
-    amp = tc["amp"] and device.type == "cuda"
+    if world < 1 or tc["speakers_per_batch"] % world:
+        raise UserError(f"train.speakers_per_batch={tc['speakers_per_batch']} cannot be split over {world} ranks "
+                        f"(GPUs x nodes); each rank takes an equal block of a batch's speakers: make it a multiple "
+                        f"of {world}")
 
     utt2spk, nframes, scp = read_data_dir(args.data)
     feat_dim = ArkReader(scp).read(next(iter(scp)), 0, 1).shape[1]
@@ -143,43 +216,60 @@ def main():
     if args.check:
         return
 
+    part = SINGLE
+    if env:
+        device = distributed.rank_device(device, env[2], env[3])
+        part = distributed.init(device, tc["dist_timeout_s"])
+    use = gpu_switches(tc, device, world)
+
     torch.manual_seed(cfg["seed"])
     np.random.seed(cfg["seed"])
-    net = SpeakerNet.from_config(cfg).to(device)
+    net = SpeakerNet.from_config(cfg)
+    if use["sync_bn"]:   # BatchNorm over the global batch, as one GPU computes it
+        net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
+    net = net.to(device)
+    if use["channels_last"]:
+        net.trunk.to(memory_format=torch.channels_last)
     loss_fn = NPSoftmaxLoss(cfg["model"]["embed_dim"], len(sampler.speakers), tc["softmax_weight"]).to(device)
     opt = torch.optim.Adam(list(net.parameters()) + list(loss_fn.parameters()), lr=tc["lr"])
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=tc["lr_decay_every"], gamma=tc["lr_decay"])
 
     models = os.path.join(args.exp, "models")
-    start = resume(models, net, loss_fn, opt, sched, sampler.speakers, args.data) + 1
+    start = resume(models, net, loss_fn, opt, sched, sampler.speakers, args.data, part) + 1
     if start > 1:
         log.info(f"resuming from {models} epoch {start - 1}")
-    with atomic_open(os.path.join(args.exp, "config.yaml")) as f:
-        f.write(dump_config(cfg))
+    if rank == 0:
+        with atomic_open(os.path.join(args.exp, "config.yaml")) as f:
+            f.write(dump_config(cfg))
 
     nparam = sum(p.numel() for p in net.parameters())
+    ranks = f" x {world} ranks ({tc['speakers_per_batch'] // world} speakers of each batch per rank)" if world > 1 else ""
     log.info(f"{cfg['model']['pooling'].upper()} model, {nparam / 1e6:.3f} M parameters "
-             f"(trunk {sum(p.numel() for p in net.trunk.parameters()) / 1e6:.3f} M), device {device}; "
-             f"{len(utt2spk)} utterances, {len(sampler.speakers)} speakers; "
-             f"batch {tc['speakers_per_batch']} x {tc['utts_per_speaker']} crops of {tc['crop_frames']} frames")
+             f"(trunk {sum(p.numel() for p in net.trunk.parameters()) / 1e6:.3f} M), device {device}{ranks}; "
+             f"{len(utt2spk)} utterances, {len(sampler.speakers)} speakers; batch {tc['speakers_per_batch']} x "
+             f"{tc['utts_per_speaker']} crops of {tc['crop_frames']} frames")
     if start > tc["epochs"]:
         log.info(f"already trained for {tc['epochs']} epochs; nothing to do")
         return
+    if use["compile"]:   # in place: the state_dict keeps its keys
+        net.trunk.compile()
+    step = distributed.wrap(TrainStep(net, loss_fn, part, use["amp"]), device)
 
-    reader = ArkReader(scp)
+    loader = EpisodeLoader(ArkReader(scp), nframes, tc["crop_frames"], cfg["seed"], (part.rank, part.world),
+                           tc["num_workers"], pin_memory=device.type == "cuda", prefetch_factor=tc["prefetch_factor"])
     csv_path = os.path.join(args.exp, "train_log.csv")
-    history = pd.read_csv(csv_path) if os.path.exists(csv_path) else pd.DataFrame()
+    history = pd.read_csv(csv_path) if rank == 0 and os.path.exists(csv_path) else pd.DataFrame()
     if len(history):
         history = history[history["epoch"] < start]
     for epoch in range(start, tc["epochs"] + 1):
         t0 = time.time()
-        data = EpisodeDataset(reader, nframes, sampler.epoch(epoch), tc["crop_frames"], cfg["seed"], epoch)
-        loader = torch.utils.data.DataLoader(data, batch_size=None, shuffle=False, num_workers=tc["num_workers"],
-                                             pin_memory=device.type == "cuda")
+        batches = sampler.epoch(epoch)
         lr = opt.param_groups[0]["lr"]
-        stats = train_epoch(net, loss_fn, opt, loader, device, amp, f"epoch {epoch}/{tc['epochs']}")
+        stats = train_epoch(step, opt, loader.epoch(epoch, batches), device, f"epoch {epoch}/{tc['epochs']}", part)
         sched.step()
-        row = {"epoch": epoch, **stats, "lr": lr, "batches": len(data), "seconds": round(time.time() - t0, 2)}
+        if rank != 0:
+            continue
+        row = {"epoch": epoch, **stats, "lr": lr, "batches": len(batches), "seconds": round(time.time() - t0, 2)}
         checkpoint.save_checkpoint(models, epoch, {
             "epoch": epoch, "config": cfg, "speakers": sampler.speakers,
             "model": net.state_dict(), "loss": loss_fn.state_dict(), "optimizer": opt.state_dict(),
@@ -187,10 +277,8 @@ def main():
         history = pd.concat([history, pd.DataFrame([row])], ignore_index=True)
         with atomic_open(csv_path) as f:
             history.to_csv(f, index=False, float_format="%.6g")
-        log.info(f"epoch {epoch}: loss {stats['loss']:.4f} (np {stats['np_loss']:.4f}, ce {stats['ce_loss']:.4f}) "
-                 f"np_acc {stats['np_acc']:.3f} ce_acc {stats['ce_acc']:.3f} lr {lr:.6g} "
-                 f"{len(data)} batches {row['seconds']:.1f} s")
+        report_epoch(epoch, stats, lr, len(batches), row["seconds"], tc["num_workers"])
 
 
 if __name__ == "__main__":
-    run_main(main)
+    distributed.run_ranks(main)
