@@ -35,6 +35,10 @@ exp=exp                     # experiments: $exp/<name>
 fbankdir=fbank              # feature archives
 corpusdir=corpus            # generated audio
 train_opts=""               # extra config overrides for training, e.g. "train.epochs=2 device=cpu"
+ngpu=0                      # training GPUs per node: 0/1 one process; N > 1 torchrun with N ranks (DDP)
+nnodes=1                    # training nodes; run stage 2 on each with its --node-rank
+node_rank=0                 # this node's index (node 0 hosts the rendezvous)
+rdzv_endpoint=""            # --nnodes > 1: HOST:PORT of node 0 for torchrun's c10d rendezvous
 
 help_message="Usage: bash run.sh [options]
   --stage N / --stop-stage M   run stages N..M (0 data, 1 fbank, 2 train, 3 score, 4 metrics); default 0..4
@@ -49,7 +53,10 @@ help_message="Usage: bash run.sh [options]
   --trial-lists 'FILES'        VoxCeleb trial lists (veri_test.txt, veri_test2.txt, list_test_all2.txt, ...)
   --train-set DIR --test-set DIR   your own Kaldi data dirs instead of a corpus (test dir with trials[_*])
   --data DIR --exp DIR --fbankdir DIR --corpusdir DIR   where things go (defaults data exp fbank corpus)
-  --train-opts 'k=v ...'       config overrides for training, e.g. 'train.epochs=2'"
+  --train-opts 'k=v ...'       config overrides for training, e.g. 'train.epochs=2'
+  --ngpu N                     training GPUs per node (default $ngpu); N > 1: torchrun + DDP, same global batch
+  --nnodes M --node-rank K --rdzv-endpoint HOST:PORT   multi-node training: on every node
+                               bash run.sh --stage 2 --stop-stage 2 --ngpu N --nnodes M --node-rank K ..."
 
 . ./path.sh
 . steps/parse_options.sh || exit 1
@@ -144,7 +151,8 @@ fi
 
 if [ $stage -le 2 ] && [ $stop_stage -ge 2 ]; then
   log "stage 2: training $config into $expdir (resumes from its newest checkpoint; log $expdir/log/train.log)"
-  steps/train.sh --cmd "$train_cmd" --config "$config" "$train_dir" "$expdir" ${overrides[@]+"${overrides[@]}"}
+  steps/train.sh --cmd "$train_cmd" --ngpu "$ngpu" --nnodes "$nnodes" --node-rank "$node_rank" \
+    --rdzv-endpoint "$rdzv_endpoint" --config "$config" "$train_dir" "$expdir" ${overrides[@]+"${overrides[@]}"}
 fi
 
 if [ $stage -le 3 ] && [ $stop_stage -ge 3 ]; then

@@ -4,21 +4,37 @@
 # seconds, not a place in a queue); the job's log, <exp-dir>/log/train.log, is shown as it grows.
 # Training resumes from the newest checkpoint in <exp-dir>/models; the log of an earlier run is
 # kept as log/train.log.<time>.
+#
+# With --ngpu N > 1 (or --nnodes > 1) the job is torchrun with N ranks per node (DDP, the global
+# batch split over the ranks, the 1-GPU objective kept; capsv/distributed.py):
+#   one node:  torchrun --standalone --nnodes 1 --nproc-per-node N -m capsv.bin.train ...
+#   M nodes:   torchrun --nnodes M --nproc-per-node N --rdzv-backend c10d --rdzv-endpoint HOST:PORT
+#                --rdzv-id <exp name> --rdzv-conf is_host=<1 on node 0, else 0> -m capsv.bin.train ...
+# run on every node with its --node-rank (node 0 hosts the rendezvous at HOST:PORT); the exp dir
+# must be on a filesystem all nodes see. Node k > 0 logs to log/train.node<k>.log.
 set -euo pipefail
 
 # defaults (all can be set with --option value)
 cmd=$(dirname "$0")/launch_local.sh
 config=
-gpus=0          # GPUs the job asks the launcher for (a Slurm launcher maps it to --gres=gpu:N)
+ngpu=0          # GPUs per node: 0 or 1 runs one process; N > 1 runs N ranks under torchrun. The launcher
+                # is asked for N GPUs (a Slurm launcher maps it to --gres=gpu:N)
+nnodes=1        # nodes of a multi-node run, each running this script
+node_rank=0     # this node's index, 0 .. nnodes-1
+rdzv_endpoint=  # HOST:PORT of node 0's c10d rendezvous (needed with --nnodes > 1)
 
 echo "$0 $*"
 
 help_message="usage: $0 [options] <train-data-dir> <exp-dir> [key=value ...]
 e.g.: $0 --config conf/mini/cap.yaml data/synth_train exp/mini_cap train.epochs=4
+      $0 --ngpu 4 --config conf/cap.yaml data/vox2_dev exp/cap     # 4 GPUs, torchrun + DDP
 options:
-  --config <yaml>     training config (required)
-  --cmd <launcher>    job launcher, run.pl-style (default $cmd)
-  --gpus <n>          GPUs to ask the launcher for (default $gpus)"
+  --config <yaml>          training config (required)
+  --cmd <launcher>         job launcher, run.pl-style (default $cmd)
+  --ngpu <n>               GPUs per node (default $ngpu): 0/1 one process, n > 1 torchrun with n ranks
+  --nnodes <m>             nodes (default $nnodes); run this on each with its --node-rank
+  --node-rank <k>          this node's index (default $node_rank)
+  --rdzv-endpoint <h:p>    node 0's rendezvous address, for --nnodes > 1"
 
 . "$(dirname "$0")/parse_options.sh" || exit 1
 
@@ -27,16 +43,49 @@ if [ $# -lt 2 ] || [ -z "$config" ]; then
 fi
 data=${1%/}; dir=${2%/}; shift 2
 
-python -m capsv.bin.train --check --config "$config" --data "$data" --exp "$dir" "$@"
+die() { echo "$0: ERROR: $*" >&2; exit 1; }
+for v in ngpu nnodes node_rank; do
+  [[ ${!v} =~ ^[0-9]+$ ]] || die "--${v//_/-} must be a non-negative integer, got '${!v}'"
+done
+[ "$nnodes" -ge 1 ] || die "--nnodes must be at least 1"
+[ "$node_rank" -lt "$nnodes" ] || die "--node-rank $node_rank is not below --nnodes $nnodes"
+if [ "$nnodes" -gt 1 ]; then
+  [ "$ngpu" -ge 1 ] || die "--nnodes $nnodes needs --ngpu >= 1 (GPUs per node)"
+  [[ $rdzv_endpoint =~ ^[^:[:space:]]+:[0-9]+$ ]] ||
+    die "--nnodes $nnodes needs --rdzv-endpoint HOST:PORT (node 0's address and a free port), got '$rdzv_endpoint'"
+fi
+nproc=$(( ngpu > 1 ? ngpu : 1 ))
+world=$(( nproc * nnodes ))
+
+python -m capsv.bin.train --check --world-size "$world" --config "$config" --data "$data" --exp "$dir" "$@"
+
+train=(python -m capsv.bin.train)
+if [ "$world" -gt 1 ]; then
+  # OMP_NUM_THREADS=1 is what torchrun sets for several ranks anyway; set here, it spares the log its banner
+  if [ "$nnodes" -eq 1 ]; then
+    train=(env OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" torchrun --standalone --nnodes 1 --nproc-per-node "$nproc")
+  else
+    train=(env OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" torchrun --nnodes "$nnodes" --nproc-per-node "$nproc"
+           --rdzv-backend c10d --rdzv-endpoint "$rdzv_endpoint" --rdzv-id "$(basename "$dir")"
+           --rdzv-conf "is_host=$([ "$node_rank" -eq 0 ] && echo 1 || echo 0)")
+  fi
+  train+=(-m capsv.bin.train)
+fi
 
 mkdir -p "$dir/log"
 log=$dir/log/train.log
+[ "$node_rank" -eq 0 ] || log=$dir/log/train.node$node_rank.log
 [ -f "$log" ] && mv "$log" "$log.$(date +%Y%m%d-%H%M%S)"
-$cmd --gpu "$gpus" "$log" python -m capsv.bin.train --config "$config" --data "$data" --exp "$dir" "$@" &
+$cmd --gpu "$ngpu" "$log" "${train[@]}" --config "$config" --data "$data" --exp "$dir" "$@" &
 job=$!
 # the launcher writes the log (here or on a compute node); tail follows it until the launcher ends
 tail -n +1 -F --pid="$job" "$log" 2>/dev/null &
 follow=$!
 rc=0; wait "$job" || rc=$?
 wait "$follow" || true
+if [ "$rc" -ne 0 ] && [ "$world" -gt 1 ]; then
+  # torchrun's report ends the log; the ranks' own first error line is what to read first
+  first=$(grep -m 1 '^ERROR: ' "$log" 2>/dev/null || true)
+  [ -z "$first" ] || echo "$0: the first error of the ranks: $first" >&2
+fi
 exit "$rc"   # on failure the launcher has named the log and shown its last lines
