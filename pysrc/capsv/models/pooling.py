@@ -125,7 +125,7 @@ def cap_pair_direct(cap, s, q):
 def cap_grid_direct(cap, a, b):
     """Eq. 9-12 batched over every (b, a) pair, forming the full [..., Nb, Na, Tb, Ta] cosine tensor.
 
-    The cost the fast form avoids; used by the benchmark (capsv.bin.bench_pooling).
+    The cost the fast form avoids; used by the benchmarks (capsv.bin.bench).
     """
     pa = F.normalize(torch.relu(cap.proj(a)), dim=-1)                  # [..., Na, Ta, D]
     pb = F.normalize(torch.relu(cap.proj(b)), dim=-1)                  # [..., Nb, Tb, D]
