@@ -46,22 +46,39 @@ def build(pooling):
     return net, loss_fn, feats, torch.tensor([5, 0, 3, 1])
 
 
-def one_step(pooling, part):
+def one_step(pooling, part, device="cpu", bn="frozen"):
     """Loss stats and every parameter's gradient of one step on this rank's block of the batch,
-    through DDP when a process group is up. BatchNorm statistics frozen (eval-mode BN, affine
-    trainable): on the CPU each rank's BN would otherwise see only its own block."""
+    through DDP when a process group is up. BatchNorm: "frozen" statistics (eval-mode BN, affine
+    trainable; on the CPU each rank's BN would otherwise see only its own block), "train" (batch
+    statistics), or "sync" (CUDA: training mode as SyncBatchNorm)."""
+    device = torch.device(device)
     net, loss_fn, feats, speakers = build(pooling)
-    step = TrainStep(net, loss_fn, part)
-    model = distributed.wrap(step, torch.device("cpu"))
+    if bn == "sync":
+        net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
+    step = TrainStep(net.to(device), loss_fn.to(device), part)
+    model = distributed.wrap(step, device)
     model.train()
-    for mod in model.modules():
-        if isinstance(mod, nn.modules.batchnorm._BatchNorm):
-            mod.eval()
+    if bn == "frozen":
+        for mod in model.modules():
+            if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+                mod.eval()
     n = N // part.world
     block = slice(part.rank * n, (part.rank + 1) * n)
-    loss, stats = model(feats[block], speakers[block])
+    loss, stats = model(feats[block].to(device), speakers[block].to(device))
     loss.backward()
-    return stats, {k: p.grad.clone() for k, p in step.named_parameters()}
+    return stats, {k: p.grad.cpu() for k, p in step.named_parameters()}
+
+
+def compare(out, pooling, ref_stats, ref_grads, rtol=1e-9):
+    # gradients the step reaches (a squeeze-excite unit of width 1 can sit dead behind its ReLU)
+    assert sum(bool(g.abs().sum() > 0) for g in ref_grads.values()) >= 0.9 * len(ref_grads)
+    for rank in (0, 1):
+        got = torch.load(out / f"{pooling}.rank{rank}.pt", weights_only=True)
+        for k in STATS:
+            assert got["stats"][k] == pytest.approx(ref_stats[k], rel=rtol, abs=rtol), (rank, k)
+        assert got["grads"].keys() == ref_grads.keys()
+        for k, g in ref_grads.items():
+            torch.testing.assert_close(got["grads"][k], g, rtol=rtol, atol=rtol * 1e-3, msg=f"rank {rank}: {k}")
 
 
 def free_port():
@@ -70,12 +87,16 @@ def free_port():
         return s.getsockname()[1]
 
 
-def rank_main(rank, world, port, out, poolings):
+def rank_main(rank, world, port, out, poolings, cuda=False):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     torch.set_num_threads(1)
-    part = distributed.init(torch.device("cpu"), 60)
+    device = torch.device("cuda", rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(rank)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    part = distributed.init(device, 60)
     for pooling in poolings:
-        stats, grads = one_step(pooling, part)
+        stats, grads = one_step(pooling, part, device, "sync" if cuda else "frozen")
         torch.save({"stats": stats, "grads": grads}, f"{out}/{pooling}.rank{rank}.pt")
     distributed.finish()
 
@@ -89,16 +110,16 @@ def two_rank_steps(tmp_path_factory):
 
 @pytest.mark.parametrize("pooling", ["cap", "tap"])
 def test_two_ranks_give_the_one_process_loss_and_gradients(two_rank_steps, pooling):
-    ref_stats, ref_grads = one_step(pooling, distributed.SINGLE)
-    # gradients the step reaches (a squeeze-excite unit of width 1 can sit dead behind its ReLU)
-    assert sum(bool(g.abs().sum() > 0) for g in ref_grads.values()) >= 0.9 * len(ref_grads)
-    for rank in (0, 1):
-        got = torch.load(two_rank_steps / f"{pooling}.rank{rank}.pt", weights_only=True)
-        for k in STATS:
-            assert got["stats"][k] == pytest.approx(ref_stats[k], rel=1e-12, abs=1e-12), (rank, k)
-        assert got["grads"].keys() == ref_grads.keys()
-        for k, g in ref_grads.items():
-            torch.testing.assert_close(got["grads"][k], g, rtol=1e-9, atol=1e-12, msg=f"rank {rank}: {k}")
+    compare(two_rank_steps, pooling, *one_step(pooling, distributed.SINGLE))
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_two_gpus_with_sync_bn_give_the_one_gpu_step_in_training_mode(tmp_path):
+    """On CUDA, SyncBatchNorm makes BN in training mode the 1-GPU BN too (nccl, float64)."""
+    mp.spawn(rank_main, args=(2, free_port(), str(tmp_path), ("cap", "tap"), True), nprocs=2, join=True)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    for pooling in ("cap", "tap"):
+        compare(tmp_path, pooling, *one_step(pooling, distributed.SINGLE, "cuda:0", "train"), rtol=1e-7)
 
 
 # ---- torchrun through the real entry point --------------------------------------------------------

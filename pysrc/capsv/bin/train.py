@@ -179,6 +179,30 @@ def gpu_switches(tc, device, world):
             "sync_bn": world > 1 and tc["sync_bn"]}
 
 
+def build_training(cfg, n_speakers, device, part=SINGLE):
+    """Net, loss, optimiser, scheduler and the (DDP-wrapped) training step, as training runs them
+    on `device`, the CUDA switches applied; local/gpu_check.sh times this very step."""
+    tc = cfg["train"]
+    use = gpu_switches(tc, device, part.world)
+    torch.manual_seed(cfg["seed"])
+    np.random.seed(cfg["seed"])
+    net = SpeakerNet.from_config(cfg)
+    if use["sync_bn"]:   # BatchNorm over the global batch, as one GPU computes it
+        net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
+    net = net.to(device)
+    if use["channels_last"]:
+        net.trunk.to(memory_format=torch.channels_last)
+    if use["compile"]:   # in place: the state_dict keeps its keys, so checkpoints do not change
+        net.trunk.compile()
+    loss_fn = NPSoftmaxLoss(cfg["model"]["embed_dim"], n_speakers, tc["softmax_weight"]).to(device)
+    opt = torch.optim.Adam(list(net.parameters()) + list(loss_fn.parameters()), lr=tc["lr"])
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=tc["lr_decay_every"], gamma=tc["lr_decay"])
+    # DDP may wrap before a checkpoint is loaded: it holds the parameters themselves, which
+    # load_state_dict fills in place, from the same file on every rank.
+    step = distributed.wrap(TrainStep(net, loss_fn, part, use["amp"]), device)
+    return net, loss_fn, opt, sched, step
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="training YAML (conf/*.yaml, conf/mini/*.yaml)")
@@ -220,19 +244,7 @@ def main():
     if env:
         device = distributed.rank_device(device, env[2], env[3])
         part = distributed.init(device, tc["dist_timeout_s"])
-    use = gpu_switches(tc, device, world)
-
-    torch.manual_seed(cfg["seed"])
-    np.random.seed(cfg["seed"])
-    net = SpeakerNet.from_config(cfg)
-    if use["sync_bn"]:   # BatchNorm over the global batch, as one GPU computes it
-        net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
-    net = net.to(device)
-    if use["channels_last"]:
-        net.trunk.to(memory_format=torch.channels_last)
-    loss_fn = NPSoftmaxLoss(cfg["model"]["embed_dim"], len(sampler.speakers), tc["softmax_weight"]).to(device)
-    opt = torch.optim.Adam(list(net.parameters()) + list(loss_fn.parameters()), lr=tc["lr"])
-    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=tc["lr_decay_every"], gamma=tc["lr_decay"])
+    net, loss_fn, opt, sched, step = build_training(cfg, len(sampler.speakers), device, part)
 
     models = os.path.join(args.exp, "models")
     start = resume(models, net, loss_fn, opt, sched, sampler.speakers, args.data, part) + 1
@@ -251,9 +263,6 @@ def main():
     if start > tc["epochs"]:
         log.info(f"already trained for {tc['epochs']} epochs; nothing to do")
         return
-    if use["compile"]:   # in place: the state_dict keeps its keys
-        net.trunk.compile()
-    step = distributed.wrap(TrainStep(net, loss_fn, part, use["amp"]), device)
 
     loader = EpisodeLoader(ArkReader(scp), nframes, tc["crop_frames"], cfg["seed"], (part.rank, part.world),
                            tc["num_workers"], pin_memory=device.type == "cuda", prefetch_factor=tc["prefetch_factor"])
