@@ -121,7 +121,8 @@ lock() {
 }
 trap 'for f in ${locks[@]+"${locks[@]}"}; do : > "$f"; done' EXIT   # a clean end leaves no holder named
 if [ $stage -le 1 ]; then lock "$train_dir"; lock "$test_dir"; fi
-if [ $stop_stage -ge 2 ]; then lock "$expdir"; fi
+# nodes other than 0 of a multi-node training share node 0's exp dir (rank 0 alone writes there)
+if [ $stop_stage -ge 2 ] && [ "$node_rank" = 0 ]; then lock "$expdir"; fi
 
 if [ $stage -le 0 ] && [ $stop_stage -ge 0 ]; then
   if [ -n "$train_set" ]; then

@@ -81,7 +81,11 @@ job=$!
 # the launcher writes the log (here or on a compute node); tail follows it until the launcher ends
 tail -n +1 -F --pid="$job" "$log" 2>/dev/null &
 follow=$!
+# A background job of a non-interactive shell ignores SIGINT, so pass Ctrl-C (and TERM) on to the
+# launcher ourselves: it stops the job (scancel on Slurm) rather than leaving it running.
+trap 'kill -TERM "$job" "$follow" 2>/dev/null || true' INT TERM
 rc=0; wait "$job" || rc=$?
+[ "$rc" -gt 128 ] && { wait "$job" 2>/dev/null || true; }   # interrupted: let the launcher finish stopping
 wait "$follow" || true
 if [ "$rc" -ne 0 ] && [ "$world" -gt 1 ]; then
   # torchrun's report ends the log; the ranks' own first error line is what to read first

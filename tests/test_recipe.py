@@ -141,3 +141,16 @@ def test_missing_wav_stops_stage_1(recipe, tmp_path):
     assert r.returncode != 0
     assert "/nonexistent/missing.wav" in r.stdout + r.stderr
     assert (data / "synth_test/feats.scp").read_text() == feats_before
+
+
+def test_train_opts_with_spaces_and_config_paths_name_the_exp(recipe):
+    """`model.channels=[4, 4, 8, 8]` stays one override (here it differs from the trained exp, which
+    says so by name); ./conf/mini/x.yaml and an absolute path into conf/ name the exp like conf/mini/x.yaml."""
+    tmp, _ = recipe
+    r = run_recipe(tmp, "--config", str(tmp / "tiny_cap.yaml"), "--stage", "2", "--stop-stage", "2",
+                   "--train-opts", "model.channels=[4, 4, 8, 8] train.epochs=3")
+    line = one_error_line(r)
+    assert "was trained with different model.channels" in line and "train.epochs" not in line
+    for config, name in [("./conf/mini/cap.yaml", "mini_cap"), (f"{ROOT}/conf/mini/sap.yaml", "mini_sap")]:
+        line = one_error_line(run_recipe(tmp, "--config", config, "--stage", "3"))
+        assert f"{tmp}/exp/{name}/config.yaml not found" in line, line

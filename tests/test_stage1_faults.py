@@ -177,3 +177,23 @@ def test_out_of_disk_is_one_clear_line(tmp_path):
         assert not [p for p in (full / "t").iterdir() if p.name.endswith(".tmp")]   # no partial file left
     finally:
         subprocess.run(["umount", str(full)])
+
+
+@pytest.mark.parametrize("case,message", [
+    ("no path", "wav.scp: line 2 has 1 fields, expected at least 2"),
+    ("disagree", "wav.scp: utterance s2-a of utt2spk is missing"),
+    ("empty", "utt2spk: empty file"),
+])
+def test_bad_data_dir_stops_before_any_job(tmp_path, case, message):
+    d = make_dir(tmp_path)
+    if case == "no path":
+        (d / "wav.scp").write_text(f"s1-a {tmp_path}/s1-a.wav\ns1-b\ns2-a {tmp_path}/s2-a.wav\n")
+    elif case == "disagree":
+        (d / "wav.scp").write_text("".join(f"{u} {tmp_path}/{u}.wav\n" for u in UTTS if u != "s2-a"))
+    else:
+        for f in ("wav.scp", "utt2spk", "spk2utt"):
+            (d / f).write_text("")
+    r = fbank(d, tmp_path)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and len(lines) == 1 and message in lines[0], r.stderr
+    assert not (d / "log").exists()   # no job was launched
