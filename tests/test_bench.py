@@ -59,7 +59,7 @@ def test_gram_variant_scores_like_the_recipe():
     with torch.no_grad():
         cache = cache_from_frames(net, frames)
         want = score_trials(net, cache, trials, trial_batch=2)
-        cache.data["g"] = cache.data["s"].transpose(-1, -2) @ cache.data["s"]
+        cache.data["g"] = cache.data["st"] @ cache.data["st"].transpose(-1, -2)
         ia = torch.tensor([cache.row[e] for e, *_ in trials])
         ib = torch.tensor([cache.row[t] for _, t, *_ in trials])
         got = GramCapPairs(net)(cache.data, ia, cache.data, ib).double().numpy()

@@ -71,8 +71,8 @@ def utterance_cache(net, reader, nframes, utts, ecfg, device, utts_per_batch=8, 
 def partner_independent(net, frames):
     """The cache fields of utterances with trunk outputs frames [n, K, T, C], in their dtype (float32 from the trunk).
 
-    CAP: s [n,K,T,D] unit projected frames, m [n,K,D] their sum / (T tau), u [n,K,T,C] frames * BN scale / T,
-    c [n,K,C] BN scale * frame mean + BN shift. TAP/SAP: e [n,E] mean unit crop embedding.
+    CAP: st [n,K,D,T] unit projected frames (transposed), m [n,K,D] their sum / (T tau), u [n,K,T,C] frames *
+    BN scale / T, c [n,K,C] BN scale * frame mean + BN shift. TAP/SAP: e [n,E] mean unit crop embedding.
     """
     if not net.pair_dependent:
         emb = net.embed(net.pool.single(frames))
@@ -80,7 +80,8 @@ def partner_independent(net, frames):
     t = frames.shape[-2]
     scale, shift = net.head_affine()
     s = cap_unit_frames(net.pool, frames)
-    return {"s": s, "m": s.sum(-2) / (t * net.pool.tau), "u": frames * (scale / t), "c": frames.mean(-2) * scale + shift}
+    return {"st": s.transpose(-1, -2), "m": s.sum(-2) / (t * net.pool.tau), "u": frames * (scale / t),
+            "c": frames.mean(-2) * scale + shift}
 
 
 def build_cache(net, utts, batches, device, mem_bytes=None, spill_dir=None):
@@ -306,16 +307,16 @@ class _CapPairs:
     def __call__(self, fa, ia, fb, ib):
         a = {k: self.gather("a" + k, v, ia) for k, v in fa.items()}
         b = {k: self.gather("b" + k, v, ib) for k, v in fb.items()}
-        za = self.side(a["s"], a["m"], a["u"], a["c"], b["s"])      # [B, Ka, Kb, E']
-        zb = self.side(b["s"], b["m"], b["u"], b["c"], a["s"])      # [B, Kb, Ka, E']
+        za = self.side(a["st"], a["m"], a["u"], a["c"], b["st"])      # [B, Ka, Kb, E']
+        zb = self.side(b["st"], b["m"], b["u"], b["c"], a["st"])      # [B, Kb, Ka, E']
         zb = zb.transpose(1, 2)
         num = (za * zb).sum(-1)
         den = za.norm(dim=-1).clamp_min(_EPS) * zb.norm(dim=-1).clamp_min(_EPS)
         return (num / den).mean(dim=(1, 2))
 
-    def side(self, sx, mx, ux, cx, sy):
+    def side(self, sxt, mx, ux, cx, syt):
         """Head outputs (times R) of x's crops pooled against each of y's crops: [B, Kx, Ky, E']."""
-        b, kx, tx, _ = sx.shape
-        w = torch.softmax(cap_cross_logits(sx, mx, sy), dim=-1)                    # [(B, i), j, t]
+        b, kx, _, tx = sxt.shape
+        w = torch.softmax(cap_cross_logits(sxt, mx, syt), dim=-1)                  # [(B, i), j, t]
         h = torch.baddbmm(cx.reshape(b * kx, 1, -1), w, ux.reshape(b * kx, tx, -1))  # c + w^T U: BN(pooled)
-        return (torch.relu_(h) @ self.r.T).view(b, kx, sy.shape[1], -1)
+        return (torch.relu_(h) @ self.r.T).view(b, kx, syt.shape[1], -1)

@@ -228,11 +228,11 @@ class GramCapPairs(_CapPairs):
         return (num / (za.norm(dim=-1) * zb.norm(dim=-1))).mean(dim=(1, 2))
 
     def side_g(self, x, gy):
-        b, kx, tx, d = x["s"].shape
+        b, kx, d, tx = x["st"].shape
         ky = gy.shape[1]
         v = (gy.reshape(b, ky * d, d) @ x["m"].transpose(1, 2)).view(b, ky, d, kx)
         v = v.permute(0, 3, 1, 2).reshape(b * kx, ky, d)
-        w = torch.softmax(torch.bmm(v, x["s"].reshape(b * kx, tx, d).transpose(1, 2)), dim=-1)
+        w = torch.softmax(torch.bmm(v, x["st"].reshape(b * kx, d, tx)), dim=-1)
         h = torch.baddbmm(x["c"].reshape(b * kx, 1, -1), w, x["u"].reshape(b * kx, tx, -1))
         return (torch.relu_(h) @ self.r.T).view(b, kx, ky, -1)
 
@@ -260,7 +260,7 @@ def bench_scoring(args, device):
     score_trials(net, cache, trials[:64], batch)          # warm-up
     fast = fastest(lambda: score_trials(net, cache, trials, batch), args.repeats, device) / n_fast
     # the Gram variant: the same cache plus G, through the same batching and threads
-    cache.data["g"] = cache.data["s"].transpose(-1, -2) @ cache.data["s"]
+    cache.data["g"] = cache.data["st"] @ cache.data["st"].transpose(-1, -2)
     with mock.patch.object(scoring, "_CapPairs", GramCapPairs):
         t_gram = fastest(lambda: score_trials(net, cache, trials, batch), args.repeats, device) / n_fast
     del cache.data["g"]
