@@ -217,6 +217,7 @@ def score_trials(net, cache, trials, trial_batch):
     pairs = [_CapPairs(net) if net.pair_dependent else _dot for _ in range(workers)]
     bar = progress(None, total=len(trials), desc="trials", leave=False)
 
+    @torch.no_grad()                     # grad mode is per thread: the caller's does not reach the workers
     def run(w, sel, fa, la, fb, lb):
         for i in range(w * trial_batch, len(sel), workers * trial_batch):
             j = slice(i, i + trial_batch)
