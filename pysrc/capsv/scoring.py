@@ -47,11 +47,13 @@ def utterance_crops(reader, utt, num_frames, length, num_crops):
 
 
 @torch.no_grad()
-def trunk_batches(net, reader, nframes, utts, ecfg, device, utts_per_batch=8):
+def trunk_batches(net, reader, nframes, utts, ecfg, device, utts_per_batch=None):
     """Yield (utts, trunk outputs [n, num_crops, T', C] float32 on `device`), each utterance once.
 
-    On a GPU the trunk runs under bf16 autocast (as in training); what follows is float32.
+    On a GPU the trunk runs under bf16 autocast (as in training), 64 utterances (640 crops) a batch;
+    on a CPU 8. What follows is float32.
     """
+    utts_per_batch = utts_per_batch or (64 if device.type == "cuda" else 8)
     for i in progress(range(0, len(utts), utts_per_batch), desc="trunk", leave=False):
         chunk = utts[i:i + utts_per_batch]
         feats = np.concatenate([utterance_crops(reader, u, nframes[u], ecfg["crop_frames"], ecfg["num_crops"])
@@ -61,7 +63,7 @@ def trunk_batches(net, reader, nframes, utts, ecfg, device, utts_per_batch=8):
         yield chunk, frames.float().view(len(chunk), ecfg["num_crops"], *frames.shape[1:])
 
 
-def utterance_cache(net, reader, nframes, utts, ecfg, device, utts_per_batch=8, mem_bytes=None, spill_dir=None):
+def utterance_cache(net, reader, nframes, utts, ecfg, device, utts_per_batch=None, mem_bytes=None, spill_dir=None):
     """The `ScoringCache` of `utts`: trunk once per utterance, then its partner-independent rows."""
     return build_cache(net, utts, trunk_batches(net, reader, nframes, utts, ecfg, device, utts_per_batch), device,
                        mem_bytes, spill_dir)
