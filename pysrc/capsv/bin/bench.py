@@ -122,12 +122,12 @@ def pooling_child(kind, n, m, frames_in, repeats, device):
             frames.grad = None
             loss, _ = loss_fn(net, frames, speakers)
             loss.backward()
-    step()          # warm-up: one-time allocations and kernel choices are not the step's time
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         rss0 = torch.cuda.memory_allocated()
     else:
         rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    step()          # warm-up (its peak counts): one-time allocations are not the step's time
     secs = fastest(step, repeats, device)
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else \
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
