@@ -3,6 +3,7 @@ import hashlib
 import os
 import pickle
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -191,7 +192,8 @@ def test_crafted_checkpoint_stops_training_through_the_entry_point(tmp_path):
     craft(bad, tmp_path / "marker", "torch.save")
     r = run_train(tmp_path / "data", tmp_path / "exp", "train.epochs=3")
     assert r.returncode == 1 and "Traceback" not in r.stderr
-    err = r.stderr.strip().splitlines()
+    # the user-error convention: one ERROR line, after any timestamped log lines of the start-up
+    err = [l for l in r.stderr.strip().splitlines() if not re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d ", l)]
     assert len(err) == 1 and err[0].startswith(f"ERROR: {bad} {REFUSED}"), r.stderr
     assert not (tmp_path / "marker").exists()
     assert sorted(os.listdir(models)) == ["epoch_0001.pt", "epoch_0001.pt.sha256", "epoch_0002.pt"]
