@@ -32,9 +32,9 @@ from capsv.models.pooling import cap_cross_logits, cap_unit_frames
 from capsv.utils import progress
 
 _EPS = 1e-12   # F.normalize's floor on a norm, kept so a zero embedding scores 0 as before
-# A CAP trial gathers ~1.8 MB of cache rows; 16 trials' worth stays in this CPU's 32 MB L3 and the products
-# then run several times faster than on batches that spill to memory (measured: capsv.bin.bench --only scoring).
-CPU_TRIAL_BATCH = 16
+# A CAP trial gathers ~1.8 MB of cache rows; with 8 trials a batch, the batches of two workers stay in this
+# CPU's 32 MB L3 (batches of 128 measured 1.5x slower per trial).
+CPU_TRIAL_BATCH = 8
 
 
 def crop_starts(num_frames, length, num_crops):
