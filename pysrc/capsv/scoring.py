@@ -233,7 +233,10 @@ def score_trials(net, cache, trials, trial_batch):
         if workers > 1:
             torch.set_num_threads(1)
         with ThreadPoolExecutor(workers) as pool:
-            for group in _blocks(cache, ia, ib):
+            for sel, fa, la, fb, lb in _blocks(cache, ia, ib):
+                # in enrollment order, so consecutive batches find an enrollment's rows still in cache
+                order = np.lexsort((lb, la))
+                group = sel[order], fa, la[order], fb, lb[order]
                 for done in [pool.submit(run, w, *group) for w in range(workers)]:
                     done.result()
     finally:
