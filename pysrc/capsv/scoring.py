@@ -33,7 +33,7 @@ from capsv.utils import progress
 
 _EPS = 1e-12   # F.normalize's floor on a norm, kept so a zero embedding scores 0 as before
 # A CAP trial gathers ~1.8 MB of cache rows; with 8 trials a batch, the batches of two workers stay in this
-# CPU's 32 MB L3 (batches of 128 measured 1.5x slower per trial).
+# CPU's 32 MB L3 (batches of 128 measured 1.4x slower per trial).
 CPU_TRIAL_BATCH = 8
 
 
