@@ -8,7 +8,6 @@ import subprocess
 import sys
 import time
 
-import kaldiio
 import numpy as np
 import pandas as pd
 import pytest
@@ -22,7 +21,7 @@ from capsv.config import load_config
 from capsv.data import EpisodicBatches, read_data_dir
 from capsv.losses import STATS, NPSoftmaxLoss
 from capsv.models.speaker_net import SpeakerNet
-from test_train import ROOT, SMALL
+from test_train import ROOT, SMALL, write_data_dir
 
 N, M, T, CLASSES = 4, 3, 40, 6      # the global batch of the equivalence test: speakers, utterances, frames
 DDP_SMALL = SMALL + ["train.speakers_per_batch=4", "train.lr=0.01"]
@@ -138,16 +137,6 @@ def make_learnable_data_dir(d, n_spk=8, n_utt=6, seed=0):
             feats[f"spk{s}-u{u}"] = (walk * sign[s] + 0.5 * rng.standard_normal((n, 40))).astype(np.float32)
     write_data_dir(d, feats)
     return feats
-
-
-def write_data_dir(d, feats):
-    with kaldiio.WriteHelper(f"ark,scp:{d}/feats.ark,{d}/feats.scp") as w:
-        for k in sorted(feats):
-            w(k, feats[k])
-    with open(f"{d}/utt2spk", "w") as f:
-        f.writelines(f"{k} {k.split('-')[0]}\n" for k in sorted(feats))
-    with open(f"{d}/utt2num_frames", "w") as f:
-        f.writelines(f"{k} {len(feats[k])}\n" for k in sorted(feats))
 
 
 def train_cmd(data, exp, *overrides, nproc=2):

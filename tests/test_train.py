@@ -33,6 +33,12 @@ def make_data_dir(d, n_spk=5, n_utt=4, seed=0):
         for u in range(n_utt):
             n = int(rng.integers(25, 90))
             feats[f"spk{s}-u{u}"] = (rng.standard_normal((n, 40)) + s).astype(np.float32)
+    write_data_dir(d, feats)
+    return feats
+
+
+def write_data_dir(d, feats):
+    """feats.ark/scp, utt2spk (speaker = the id's prefix) and utt2num_frames of {utt: matrix}."""
     with kaldiio.WriteHelper(f"ark,scp:{d}/feats.ark,{d}/feats.scp") as w:
         for k in sorted(feats):
             w(k, feats[k])
@@ -40,7 +46,6 @@ def make_data_dir(d, n_spk=5, n_utt=4, seed=0):
         f.writelines(f"{k} {k.split('-')[0]}\n" for k in sorted(feats))
     with open(f"{d}/utt2num_frames", "w") as f:
         f.writelines(f"{k} {len(feats[k])}\n" for k in sorted(feats))
-    return feats
 
 
 def test_ark_reader_reads_row_ranges_like_kaldiio(tmp_path):

@@ -77,7 +77,11 @@ def compute_eer(scores, labels):
     threshold, and the gap |p_miss - p_fa| there is at most one trial's worth of either rate.
     Perfectly separated scores give 0; fully reversed scores give 1.
     """
-    thr, p_miss, p_fa = error_rates(scores, labels)
+    return eer_from_rates(*error_rates(scores, labels))
+
+
+def eer_from_rates(thr, p_miss, p_fa):
+    """compute_eer on the curves of `error_rates`, for callers that need several metrics of one sort."""
     i = _eer_index(p_miss, p_fa)
     return float((p_miss[i] + p_fa[i]) / 2), float(thr[i])
 
@@ -90,9 +94,13 @@ def compute_min_dcf(scores, labels, p_target=0.05, c_miss=1.0, c_fa=1.0):
     min(c_miss * p_target, c_fa * (1 - p_target)), the cost of the best trivial system (NIST).
     The result is therefore at most 1; the threshold is +inf when rejecting everything is best.
     """
+    return min_dcf_from_rates(*error_rates(scores, labels), p_target, c_miss, c_fa)
+
+
+def min_dcf_from_rates(thr, p_miss, p_fa, p_target=0.05, c_miss=1.0, c_fa=1.0):
+    """compute_min_dcf on the curves of `error_rates`."""
     if not 0.0 < p_target < 1.0:
         raise ValueError(f"p_target must be in (0, 1), got {p_target}")
-    thr, p_miss, p_fa = error_rates(scores, labels)
     dcf = c_miss * p_target * p_miss + c_fa * (1 - p_target) * p_fa
     i = int(np.argmin(dcf))
     return float(dcf[i] / min(c_miss * p_target, c_fa * (1 - p_target))), float(thr[i])

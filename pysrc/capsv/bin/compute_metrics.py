@@ -15,7 +15,7 @@ import json
 import os
 import sys
 
-from capsv.metrics import compute_eer, compute_min_dcf, error_rates, plot_det
+from capsv.metrics import eer_from_rates, error_rates, min_dcf_from_rates, plot_det
 from capsv.trials import read_scores, read_trials
 from capsv.utils import UserError, atomic_open, run_main, sha256
 
@@ -44,9 +44,10 @@ def evaluate(trials_path, scores_path):
     scores = read_scores(scores_path, trials, trials_path=trials_path)
     labels = [t[2] for t in trials]
     try:
-        eer, _ = compute_eer(scores, labels)
-        dcfs = [compute_min_dcf(scores, labels, p_target=p)[0] for p in P_TARGETS]
-        _, p_miss, p_fa = error_rates(scores, labels)
+        rates = error_rates(scores, labels)   # one sort serves every metric and the DET curve
+        eer, _ = eer_from_rates(*rates)
+        dcfs = [min_dcf_from_rates(*rates, p_target=p)[0] for p in P_TARGETS]
+        _, p_miss, p_fa = rates
     except UserError as e:
         raise UserError(f"{trials_path}: {e}") from None
     row = dict(zip(HEADER, (list_label(scores_path), f"{eer * 100:.2f}", f"{dcfs[0]:.4f}", f"{dcfs[1]:.4f}",
