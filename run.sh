@@ -79,9 +79,7 @@ done
 
 # The exp dir is named after the config: conf/mini/cap.yaml -> mini_cap; a config elsewhere in
 # the recipe keeps its folders (my/cap.yaml -> my_cap); one outside it is named by its file.
-name=$(realpath -m --relative-to=. "$config")
-case $name in conf/*) name=${name#conf/} ;; ../*|/*) name=$(basename "$name") ;; esac
-name=${name%.yaml}; name=${name//\//_}
+name=$(steps/exp_name.sh "$config")
 expdir=$exp/$name
 
 # Config overrides: words split at spaces, a word without '=' continuing the value before it,
