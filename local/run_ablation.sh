@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# The paper's Table 2 ablation from one command: TAP, SAP and CAP trained and scored on the same
+# features for several seeds, then one Markdown table with mean ± standard deviation over seeds,
+# training time, the paper's VoxCeleb numbers beside ours, and a paired bootstrap over test speakers
+# of each pair's EER difference.
+#
+#   bash local/run_ablation.sh                          # embedded corpus, conf/mini/{tap,sap,cap}.yaml, seeds 1 2 3
+#   bash local/run_ablation.sh --seeds "1 2" --poolings "sap cap"
+#
+# Each (seed, pooling) is `run.sh --stage 2` into <exp>/seed<S>/<config name> with --train-opts seed=S,
+# so a run is an ordinary experiment dir (resumable, scored, results.txt). A re-run skips the runs that
+# have their results.txt and resumes an interrupted one from its newest checkpoint. The features are
+# made once (run.sh stages 0-1) unless both data dirs already have them.
+# Writes <exp>/ablation.md (and prints it).
+set -euo pipefail
+
+seeds="1 2 3"
+poolings="tap sap cap"
+conf_dir=conf/mini          # holds <pooling>.yaml for each pooling
+exp=exp/ablation
+data=data
+fbankdir=fbank
+corpusdir=corpus
+synth_size=mini
+nj=2
+cmd_conf=conf/cmd.sh
+train_opts=""               # extra config overrides for every run, e.g. "train.epochs=4"
+boot=1000                   # bootstrap replicates of the significance test
+run_opts=""                 # further run.sh options for every call, e.g. "--corpus voxceleb --voxceleb1-root ..."
+train_name=synth_train      # the data dirs run.sh makes (their names under --data)
+test_name=synth_test
+
+help_message="Usage: bash local/run_ablation.sh [options]
+  --seeds 'S ...'         seeds, one run per seed and pooling (default '$seeds')
+  --poolings 'P ...'      poolings to compare, each a <conf-dir>/<P>.yaml (default '$poolings')
+  --conf-dir DIR          configs (default $conf_dir; conf for the paper's VoxCeleb settings)
+  --exp DIR               where the runs go: DIR/seed<S>/<name> (default $exp)
+  --data --fbankdir --corpusdir --synth-size --nj --cmd-conf   as in run.sh
+  --train-opts 'k=v ...'  config overrides for every run (seed=S is added per run)
+  --boot N                bootstrap replicates (default $boot)
+  --run-opts '...'        further run.sh options for every call (another corpus: also --train-name/--test-name)
+  --train-name/--test-name  names of the data dirs under --data (default $train_name, $test_name)"
+
+cd "$(dirname "$0")/.."
+. ./path.sh
+. steps/parse_options.sh || exit 1
+[ $# -eq 0 ] || { echo "$0: ERROR: unexpected argument '$1'; see --help" >&2; exit 1; }
+log() { echo "$(date '+%F %T') (run_ablation.sh) $*"; }
+
+for p in $poolings; do
+  [ -f "$conf_dir/$p.yaml" ] || { echo "$0: ERROR: $conf_dir/$p.yaml not found; --poolings names configs in --conf-dir" >&2; exit 1; }
+done
+for s in $seeds; do
+  [[ $s =~ ^[0-9]+$ ]] || { echo "$0: ERROR: --seeds takes non-negative integers, got '$s'" >&2; exit 1; }
+done
+
+common=(--data "$data" --fbankdir "$fbankdir" --corpusdir "$corpusdir" --synth-size "$synth_size"
+        --nj "$nj" --cmd-conf "$cmd_conf" $run_opts)
+if [ -s "$data/$train_name/feats.scp" ] && [ -s "$data/$test_name/feats.scp" ]; then
+  log "features already in $data/$train_name and $data/$test_name: stages 0-1 skipped"
+else
+  bash run.sh "${common[@]}" --exp "$exp" --stop-stage 1
+fi
+
+systems=()
+for s in $seeds; do
+  for p in $poolings; do
+    dir=$exp/seed$s/$(steps/exp_name.sh "$conf_dir/$p.yaml")
+    systems+=(--run "$p:$s:$dir")
+    if [ -f "$dir/results.txt" ]; then
+      log "$dir: finished (results.txt), skipped"
+      continue
+    fi
+    log "training and scoring $conf_dir/$p.yaml with seed $s into $dir"
+    bash run.sh "${common[@]}" --exp "$exp/seed$s" --stage 2 --config "$conf_dir/$p.yaml" \
+      --train-opts "seed=$s $train_opts"
+  done
+done
+
+python -m capsv.bin.ablation_table "${systems[@]}" --data "$data/$test_name" --boot "$boot" --out "$exp/ablation.md"
+log "done: $exp/ablation.md"

@@ -1,0 +1,98 @@
+"""local/run_ablation.sh: the runs, the table's numbers against each run's results.txt, resumption, and
+the paired bootstrap against cases whose answer is known."""
+import os
+import statistics
+import subprocess
+
+import numpy as np
+import pytest
+
+from capsv.ablation import bootstrap_pairs
+from conftest import ROOT
+
+
+class FakeRun:
+    def __init__(self, pooling, seed, path):
+        self.pooling, self.seed, self.scores_path = pooling, seed, str(path)
+
+
+def write_scores(path, trials, scores):
+    path.write_text("".join(f"{e} {t} {s:.6f}\n" for (e, t, _), s in zip(trials, scores)))
+
+
+def speaker_trials(n_spk=30, per_spk=20, seed=0):
+    rng = np.random.default_rng(seed)
+    utt2spk, trials = {}, []
+    for k in range(n_spk):
+        for i in range(per_spk):
+            utt2spk[f"s{k:02d}-u{i:02d}"] = f"s{k:02d}"
+    for k in range(n_spk):
+        for i in range(per_spk // 2):
+            other = (k + 1 + rng.integers(n_spk - 1)) % n_spk
+            trials.append((f"s{k:02d}-u{i:02d}", f"s{k:02d}-u{i + per_spk // 2:02d}", True))
+            trials.append((f"s{k:02d}-u{i:02d}", f"s{other:02d}-u{i:02d}", False))
+    return utt2spk, trials
+
+
+def test_bootstrap_separates_a_clear_difference_and_not_a_tie(tmp_path):
+    utt2spk, trials = speaker_trials()
+    labels = np.array([t[2] for t in trials])
+    rng = np.random.default_rng(1)
+    good = labels * 2.0 + rng.normal(size=len(trials))            # EER about 16 %
+    bad = labels * 0.3 + rng.normal(size=len(trials))             # EER about 44 %
+    runs = []
+    for name, s in (("tap", bad), ("cap", good), ("sap", good)):
+        write_scores(tmp_path / f"{name}.score", trials, s)
+        runs.append(FakeRun(name, 1, tmp_path / f"{name}.score"))
+    out = bootstrap_pairs(runs, trials, utt2spk, n_boot=300)
+    d, lo, hi, p = out[("tap", "cap")]
+    assert -40 < d < -15 and hi < 0 and p < 0.01
+    d, lo, hi, p = out[("cap", "sap")]                           # identical scores: no difference at all
+    assert d == 0 and lo == 0 and hi == 0 and p == 1
+
+
+def test_bootstrap_averages_seeds_of_a_pooling(tmp_path):
+    utt2spk, trials = speaker_trials(n_spk=10)
+    labels = np.array([t[2] for t in trials])
+    perfect, reversed_ = labels * 1.0, labels * -1.0
+    runs = []
+    for name, seed, s in (("tap", 1, perfect), ("tap", 2, reversed_), ("cap", 1, perfect), ("cap", 2, perfect)):
+        write_scores(tmp_path / f"{name}{seed}.score", trials, s)
+        runs.append(FakeRun(name, seed, tmp_path / f"{name}{seed}.score"))
+    d, lo, hi, _ = bootstrap_pairs(runs, trials, utt2spk, n_boot=100)[("tap", "cap")]
+    assert d == pytest.approx(-50.0) and lo == pytest.approx(-50.0) and hi == pytest.approx(-50.0)   # (0 + 100) / 2 vs 0
+
+
+def results_row(exp_dir):
+    line = (exp_dir / "results.txt").read_text().splitlines()[2].split()
+    return float(line[1]), float(line[2])
+
+
+def test_one_command_trains_scores_tabulates_and_resumes(tiny_recipe, tmp_path):
+    root = tiny_recipe
+    exp = tmp_path / "ablation"
+    cmd = ["bash", "local/run_ablation.sh", "--seeds", "1 2", "--poolings", "tap cap", "--synth-size", "tiny",
+           "--data", f"{root}/data", "--fbankdir", f"{root}/fbank", "--corpusdir", f"{root}/corpus",
+           "--exp", str(exp), "--boot", "200",
+           "--train-opts", "train.epochs=1 train.speakers_per_batch=4 train.num_workers=0"]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "stages 0-1 skipped" in r.stdout
+    table = (exp / "ablation.md").read_text()
+    rows = {l.split("|")[2].strip(): [c.strip() for c in l.split("|")[1:-1]]
+            for l in table.splitlines() if l.startswith("| NP")}
+    assert set(rows) == {"TAP", "CAP"}
+    for pooling in ("tap", "cap"):
+        eers, dcfs = zip(*(results_row(exp / f"seed{s}/mini_{pooling}") for s in (1, 2)))
+        row = rows[pooling.upper()]
+        assert row[3] == f"{statistics.mean(eers):.2f} ± {statistics.stdev(eers):.2f}"
+        assert row[2] == f"{statistics.mean(dcfs):.3f} ± {statistics.stdev(dcfs):.3f}"
+        assert row[4] == f"{eers[0]:.2f} (seed 1), {eers[1]:.2f} (seed 2)" and row[6] == "1"
+    assert "| CAP − TAP |" in table and "paper" in table
+
+    before = {p: os.stat(p).st_mtime_ns for p in exp.glob("seed*/mini_*/models/*.pt")}
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("finished (results.txt), skipped") == 4 and "training and scoring" not in r.stdout
+    assert {p: os.stat(p).st_mtime_ns for p in exp.glob("seed*/mini_*/models/*.pt")} == before
+    assert (exp / "ablation.md").read_text() == table
