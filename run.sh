@@ -39,6 +39,7 @@ ngpu=0                      # training GPUs per node: 0/1 one process; N > 1 tor
 nnodes=1                    # training nodes; run stage 2 on each with its --node-rank
 node_rank=0                 # this node's index (node 0 hosts the rendezvous)
 rdzv_endpoint=""            # --nnodes > 1: HOST:PORT of node 0 for torchrun's c10d rendezvous
+calibration_list=trials     # stage 4: the test set's trial list whose raw scores fix verify's thresholds
 
 help_message="Usage: bash run.sh [options]
   --stage N / --stop-stage M   run stages N..M (0 data, 1 fbank, 2 train, 3 score, 4 metrics); default 0..4
@@ -56,7 +57,8 @@ help_message="Usage: bash run.sh [options]
   --train-opts 'k=v ...'       config overrides for training, e.g. 'train.epochs=2'
   --ngpu N                     training GPUs per node (default $ngpu); N > 1: torchrun + DDP, same global batch
   --nnodes M --node-rank K --rdzv-endpoint HOST:PORT   multi-node training: on every node
-                               bash run.sh --stage 2 --stop-stage 2 --ngpu N --nnodes M --node-rank K ..."
+                               bash run.sh --stage 2 --stop-stage 2 --ngpu N --nnodes M --node-rank K ...
+  --calibration-list NAME      trial list of the test set (trials, trials_<x>) that calibrates verify's thresholds (default $calibration_list)"
 
 . ./path.sh
 . steps/parse_options.sh || exit 1
@@ -161,6 +163,8 @@ fi
 
 if [ $stage -le 4 ] && [ $stop_stage -ge 4 ]; then
   log "stage 4: EER and minDCF for $expdir, and the no-training baseline on the same trials"
+  [ -f "$test_dir/$calibration_list" ] ||
+    die "--calibration-list $calibration_list: no such trial list in $test_dir; name one of its trials, trials_<x> (stage 0 makes them)"
   base=$exp/baseline_mean_fbank
   metric_args=(); base_args=()
   for t in "$test_dir"/trials "$test_dir"/trials_*; do
@@ -169,12 +173,17 @@ if [ $stage -le 4 ] && [ $stop_stage -ge 4 ]; then
     python -m capsv.bin.mean_fbank_baseline --data "$test_dir" --trials "$t" --out "$base/scores/$list.score"
     base_args+=(--trials "$t" --scores "$base/scores/$list.score")
     metric_args+=(--trials "$t" --scores "$expdir/scores/$list.score")
+    # stage 3's AS-norm scores of the same list, when it made them: a line of their own
+    if [ -f "$expdir/scores/$list.asnorm.score" ]; then
+      metric_args+=(--trials "$t" --scores "$expdir/scores/$list.asnorm.score")
+    fi
   done
   [ ${#metric_args[@]} -gt 0 ] || die "$test_dir has no trials file; stage 0 makes it"
   python -m capsv.bin.compute_metrics --name baseline_mean_fbank "${base_args[@]}" --results "$base/results.txt" \
     > /dev/null
   log "no-training baseline (cosine of utterance-mean fbank):"; cat "$base/results.txt"
   python -m capsv.bin.compute_metrics --name "$name" "${metric_args[@]}" --results "$expdir/results.txt" \
-    --det "$expdir/det.png"
-  log "done: $expdir/results.txt, DET plot $expdir/det.png"
+    --det "$expdir/det.png" --exp "$expdir" --calibrate "$test_name${calibration_list#trials}" \
+    --fbank-config conf/fbank.conf --data "$test_dir"
+  log "done: $expdir/results.txt, $expdir/RESULTS.md (DET plot, score histograms), thresholds for verify in $expdir/calibration.json"
 fi

@@ -172,3 +172,57 @@ def plot_det(curves, path, title=None):
             fig.savefig(tmp, format="png", dpi=100)
     finally:
         plt.close(fig)
+
+
+def rates_at_threshold(scores, labels, threshold):
+    """(p_miss, p_fa) of the decision `score >= threshold` (None: reject everything) on these trials.
+
+    What a fixed, calibrated threshold actually does on a list, as opposed to the best threshold
+    for that list that EER and minDCF report.
+    """
+    scores, labels = _check(scores, labels)
+    accept = scores >= (np.inf if threshold is None else threshold)
+    return float((~accept & labels).sum() / labels.sum()), float((accept & ~labels).sum() / (~labels).sum())
+
+
+def plot_score_histograms(panels, path, title=None, bins=50):
+    """Write a PNG (atomically) with one panel per list: target and non-target score histograms.
+
+    `panels`: dict name -> (scores, labels, {threshold name: value}); each threshold (None or +inf:
+    nothing is accepted, not drawn) is a vertical line. Histograms are densities, so lists of very
+    different sizes and class balances read alike.
+    """
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not panels:
+        raise ValueError("plot_score_histograms: no panels")
+    n = len(panels)
+    ncols = min(n, 3)
+    nrows = -(-n // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.3 * nrows), squeeze=False)
+    try:
+        for ax, (name, (scores, labels, thresholds)) in zip(axes.flat, panels.items()):
+            scores, labels = _check(scores, labels)
+            edges = np.histogram_bin_edges(scores, bins=bins)
+            ax.hist(scores[~labels], bins=edges, density=True, alpha=0.55, color="tab:red",
+                    label=f"non-target ({int((~labels).sum())})")
+            ax.hist(scores[labels], bins=edges, density=True, alpha=0.55, color="tab:blue",
+                    label=f"target ({int(labels.sum())})")
+            for (tname, t), style in zip((thresholds or {}).items(), ("--", ":", "-.")):
+                if t is not None and np.isfinite(t):
+                    ax.axvline(t, color="k", linestyle=style, linewidth=1, label=f"{tname} threshold {t:.4f}")
+            ax.set_title(name, fontsize=9)
+            ax.set_xlabel("score")
+            ax.set_ylabel("density")
+            ax.legend(fontsize=7)
+        for ax in list(axes.flat)[n:]:
+            ax.set_visible(False)
+        if title:
+            fig.suptitle(title)
+        fig.tight_layout()
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=100)
+    finally:
+        plt.close(fig)

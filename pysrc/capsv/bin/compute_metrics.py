@@ -9,13 +9,24 @@ file's name), EER, minDCF at p_target 0.05 and 0.01 (C_miss = C_fa = 1), the num
 and targets, the checkpoint epoch (from the score file's .json, written by stage 3) and the
 list's SHA-256 and path. A score file whose .json names other trials than the list as it is now
 is refused: the scores are stale.
+
+With --exp DIR (what run.sh's stage 4 gives) it also writes, before results.txt:
+
+- DIR/calibration.json: the EER and minDCF(0.05) thresholds of one list's raw scores (--calibrate,
+  a list name as in results.txt; default the first list), the list's path and SHA-256, the epoch,
+  the fbank options of --fbank-config (checked against stage 1's features of --data) and the eval
+  crops: what `python -m capsv.bin.verify` decides with (see capsv.calibration);
+- DIR/score_hist.png: target and non-target score histograms, a panel per list;
+- DIR/RESULTS.md: the results page (see capsv.results_page); the DET plot defaults to DIR/det.png.
 """
 import argparse
 import json
 import os
 import sys
 
-from capsv.metrics import eer_from_rates, error_rates, min_dcf_from_rates, plot_det
+from capsv import calibration, results_page
+from capsv.metrics import eer_from_rates, error_rates, min_dcf_from_rates, plot_det, plot_score_histograms, \
+    rates_at_threshold
 from capsv.trials import read_scores, read_trials
 from capsv.utils import UserError, atomic_open, run_main, sha256
 
@@ -29,12 +40,14 @@ def list_label(scores_path):
 
 
 def evaluate(trials_path, scores_path):
-    """Metrics for one trial list; returns (dict of the results line's fields, (p_miss, p_fa))."""
+    """Metrics for one trial list: a dict with `row` (the results line's fields), `rates` (thresholds,
+    p_miss, p_fa), `scores`, `labels` and `info` (the score file's .json, {} if none)."""
     trials = read_trials(trials_path)
     if not trials:
         raise UserError(f"{trials_path}: the trials file has no trials; regenerate it (stage 0)")
     digest = sha256(trials_path)
     epoch = "-"
+    info = {}
     if os.path.exists(scores_path + ".json"):
         with open(scores_path + ".json") as f:
             info = json.load(f)
@@ -47,12 +60,12 @@ def evaluate(trials_path, scores_path):
         rates = error_rates(scores, labels)   # one sort serves every metric and the DET curve
         eer, _ = eer_from_rates(*rates)
         dcfs = [min_dcf_from_rates(*rates, p_target=p)[0] for p in P_TARGETS]
-        _, p_miss, p_fa = rates
     except UserError as e:
         raise UserError(f"{trials_path}: {e}") from None
     row = dict(zip(HEADER, (list_label(scores_path), f"{eer * 100:.2f}", f"{dcfs[0]:.4f}", f"{dcfs[1]:.4f}",
                             str(len(trials)), str(sum(labels)), str(epoch), digest, trials_path)))
-    return row, (p_miss, p_fa)
+    return {"row": row, "rates": rates, "scores": scores, "labels": labels, "info": info,
+            "trials": trials_path, "scores_path": scores_path}
 
 
 def format_table(name, rows):
@@ -64,6 +77,32 @@ def format_table(name, rows):
     return "\n".join(lines) + "\n"
 
 
+def calibrate(args, results):
+    """The calibration record for --exp: thresholds of the --calibrate list's raw scores, fbank options, crops."""
+    from capsv.config import load_config
+
+    by_name = {r["row"]["list"]: r for r in results}
+    name = args.calibrate or results[0]["row"]["list"]
+    if name not in by_name:
+        raise UserError(f"--calibrate {name}: not one of the lists measured here ({', '.join(by_name)}); "
+                        f"name a list as results.txt does")
+    if name.endswith(".asnorm"):
+        raise UserError(f"--calibrate {name}: AS-norm scores; verify computes raw scores, so calibrate on "
+                        f"{name[:-len('.asnorm')]}")
+    res = by_name[name]
+    if "epoch" not in res["info"]:
+        raise UserError(f"{res['scores_path']}.json (the checkpoint that made the scores) is missing; "
+                        f"re-run stage 3, then stage 4")
+    cfg_path = os.path.join(args.exp, "config.yaml")
+    if not os.path.exists(cfg_path):
+        raise UserError(f"{cfg_path} is missing: --exp {args.exp} is not a trained experiment dir")
+    # the crops stage 3 used: its record if it keeps one, else the experiment's config
+    eval_cfg = res["info"].get("eval") or load_config(cfg_path)["eval"]
+    fbank = calibration.fbank_record(args.fbank_config, args.data)
+    return calibration.make_calibration(args.name, name, res["trials"], res["scores_path"], res["info"],
+                                        res["rates"], res["scores"], res["labels"], fbank, eval_cfg)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--trials", action="append", required=True,
@@ -71,29 +110,55 @@ def main(argv=None):
     ap.add_argument("--scores", action="append", required=True,
                     help="score file `<enroll> <test> <score>` in trial order (repeatable, one per --trials)")
     ap.add_argument("--results", required=True, help="results file to write (EER, minDCF)")
-    ap.add_argument("--det", help="DET plot to write (PNG)")
+    ap.add_argument("--det", help="DET plot to write (PNG); with --exp, default <exp>/det.png")
     ap.add_argument("--name", default="system", help="system name for results and the DET legend")
+    ap.add_argument("--exp", help="experiment dir: also write its calibration.json, score_hist.png and RESULTS.md")
+    ap.add_argument("--calibrate", help="with --exp: the list (name as in results.txt) whose raw scores fix "
+                                        "verify's thresholds (default: the first list)")
+    ap.add_argument("--fbank-config", default="conf/fbank.conf",
+                    help="with --exp: stage 1's fbank options, recorded for verify (default conf/fbank.conf)")
+    ap.add_argument("--data", help="with --exp: the test data dir, whose stage-1 features --fbank-config must give")
     args = ap.parse_args(argv)
     if len(args.trials) != len(args.scores):
         raise UserError(f"got {len(args.trials)} --trials but {len(args.scores)} --scores; "
                         f"give one --scores per --trials, in the same order")
+    if not args.exp and (args.calibrate or args.data):
+        raise UserError("--calibrate and --data go with --exp (the experiment to calibrate)")
 
-    rows, curves = [], {}
-    for tp, sp in zip(args.trials, args.scores):
-        row, curve = evaluate(tp, sp)
-        rows.append(row)
-        label = args.name if len(args.trials) == 1 else f"{args.name} {row['list']}"
+    results = [evaluate(tp, sp) for tp, sp in zip(args.trials, args.scores)]
+    rows, curves = [r["row"] for r in results], {}
+    for row, r in zip(rows, results):
+        label = args.name if len(results) == 1 else f"{args.name} {row['list']}"
         while label in curves:
             label += "'"
-        curves[label] = curve
+        curves[label] = r["rates"][1:]
 
+    cal = None
+    if args.exp:
+        cal = calibrate(args, results)
+        args.det = args.det or os.path.join(args.exp, "det.png")
     text = format_table(args.name, rows)
-    # the plot first: results.txt is the stage's completion marker
+    # the plots and the page first: results.txt is the stage's completion marker
     if args.det:
         plot_det(curves, args.det, title=args.name)
+    if cal is not None:
+        write_exp_outputs(args, results, cal)
     with atomic_open(args.results) as f:
         f.write(text)
     sys.stdout.write(text)
+
+
+def write_exp_outputs(args, results, cal):
+    """calibration.json, the score histograms and RESULTS.md of --exp."""
+    hist = os.path.join(args.exp, "score_hist.png")
+    raw = [r for r in results if not r["row"]["list"].endswith(".asnorm")]   # the thresholds are raw scores'
+    panels = {r["row"]["list"]: (r["scores"], r["labels"], cal["thresholds"] if r in raw else None) for r in results}
+    plot_score_histograms(panels, hist, title=f"{args.name}: scores, target vs non-target")
+    decisions = {r["row"]["list"]: {k: rates_at_threshold(r["scores"], r["labels"], t)
+                                    for k, t in cal["thresholds"].items()} for r in raw}
+    calibration.write_calibration(os.path.join(args.exp, calibration.FILE), cal)
+    results_page.write(os.path.join(args.exp, "RESULTS.md"), args.name, args.exp, [r["row"] for r in results], cal,
+                       decisions, args.det, hist)
 
 
 if __name__ == "__main__":
