@@ -1,0 +1,71 @@
+"""Verify recordings: the score of two audio files and accept/reject at the thresholds stage 4 calibrated.
+
+    python -m capsv.bin.verify --exp exp/mini_cap a.wav b.wav
+    python -m capsv.bin.verify --exp exp/mini_cap --pairs pairs.txt     # lines `<a> <b>` of audio paths
+
+Prints one line per pair on stdout:
+
+    <a> <b> <score> <decision at the EER threshold> <decision at the minDCF(0.05) threshold>
+
+each decision `accept` or `reject` (accept iff score >= threshold), and on stderr two `#` lines naming
+the thresholds and the trial list they were calibrated on (<exp>/calibration.json, written by stage 4).
+Audio is read as stage 1 reads it (any format libsndfile reads, any sample rate, channels averaged) with
+the fbank options recorded at calibration, and scored as stage 3 scores (the same crops, checkpoint and
+code), so a trial's score equals its stage-3 score. Each distinct file is read and run through the network
+once. The newest checkpoint must be the one that was calibrated (else: re-run stages 3 and 4).
+"""
+import argparse
+import os
+import sys
+
+from capsv.calibration import THRESHOLDS, check_epoch, decide, load_calibration, read_files, read_pairs, score_files
+from capsv.utils import UserError, run_main
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--exp", required=True, help="experiment dir, trained, scored and calibrated (stages 2-4)")
+    ap.add_argument("--pairs", help="file of `<a> <b>` lines, two audio paths each, instead of two files")
+    ap.add_argument("--device", help="cpu, cuda or auto (default: the experiment's config, as in stage 3)")
+    ap.add_argument("files", nargs="*", help="two audio files: enrollment and test")
+    args = ap.parse_args()
+    if args.pairs and args.files:
+        raise UserError("give either two audio files or --pairs FILE, not both")
+    if not args.pairs and len(args.files) != 2:
+        raise UserError(f"give two audio files (got {len(args.files)}), or --pairs FILE")
+
+    cal = load_calibration(args.exp)
+    pairs = read_pairs(args.pairs) if args.pairs else [tuple(args.files)]
+    reader, trials = read_files(pairs, cal["fbank"]["options"])   # a bad file is found before the model loads
+    import torch   # here: a usage or input error is reported without the seconds of importing torch
+
+    from capsv import checkpoint
+    from capsv.bin.train import pick_device
+    from capsv.config import load_config
+    from capsv.models.speaker_net import SpeakerNet
+
+    cfg = load_config(os.path.join(args.exp, "config.yaml"),
+                      [f"device={args.device}"] if args.device else [])
+    device = pick_device(cfg["device"])
+    state = checkpoint.load_for_inference(args.exp)
+    check_epoch(cal, state["epoch"], args.exp)
+    net = SpeakerNet.from_config(state["config"]).to(device)
+    net.load_state_dict(state["model"])
+    net.eval()
+
+    with torch.inference_mode():
+        scores = score_files(net, reader, trials, cal["eval"], device, cfg["eval"]["trial_batch"])
+
+    t = cal["thresholds"]
+    show = {k: "none (rejects all)" if t[k] is None else f"{t[k]:.6f}" for k in THRESHOLDS}
+    print(f"# {args.exp}, epoch {state['epoch']}: thresholds eer {show['eer']}, min_dcf_0.05 "
+          f"{show['min_dcf_0.05']}, calibrated on {cal['list']} ({cal.get('trials')}, {cal['score_kind']} scores)",
+          file=sys.stderr)
+    print("# <a> <b> <score> <decision at the eer threshold> <decision at the min_dcf_0.05 threshold>", file=sys.stderr)
+    for (a, b), s in zip(pairs, scores):
+        s = float(f"{s:.6f}")   # decided as printed: the thresholds come from stage 3's 6-decimal scores
+        print(f"{a} {b} {s:.6f} " + " ".join(decide(s, t[k]) for k in THRESHOLDS))
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,153 @@
+"""capsv.bin.verify: audio files scored as stages 1 and 3 score them, decided at stage 4's calibrated thresholds."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile
+import torch
+from scipy.signal import resample_poly
+
+from capsv import checkpoint
+from capsv.calibration import FILE, file_features, read_files, score_files
+from capsv.metrics import compute_eer, compute_min_dcf
+from capsv.models.speaker_net import SpeakerNet
+from capsv.trials import read_scores, read_trials
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def verify(*args):
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "pysrc") + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.run([sys.executable, "-m", "capsv.bin.verify", *map(str, args)],
+                          capture_output=True, text=True, env=env, cwd=ROOT)
+
+
+def stage3(root, system):
+    """(trials, stage-3 scores, {utt: wav path}) of the fixture's test list."""
+    data = root / "data/synth_test"
+    trials = read_trials(data / "trials")
+    scores = read_scores(root / "exp" / system / "scores/synth_test.score", trials)
+    wav = dict(line.split(maxsplit=1) for line in (data / "wav.scp").read_text().splitlines())
+    return trials, scores, wav
+
+
+def some_trials(trials):
+    """Three target trials and the first non-target one."""
+    return [*range(3), next(i for i, t in enumerate(trials) if not t[2])]
+
+
+def output_rows(r):
+    assert r.returncode == 0, r.stderr
+    return [line.split() for line in r.stdout.splitlines()]
+
+
+def test_calibrated_thresholds_are_the_stage3_scores_eer_and_min_dcf_thresholds(tiny_recipe):
+    for system in ("tiny_cap", "tiny_sap"):
+        trials, scores, _ = stage3(tiny_recipe, system)
+        cal = json.loads((tiny_recipe / "exp" / system / FILE).read_text())
+        labels = [t[2] for t in trials]
+        for key, (_, want) in (("eer", compute_eer(scores, labels)), ("min_dcf_0.05", compute_min_dcf(scores, labels))):
+            assert cal["thresholds"][key] == (None if np.isinf(want) else want)   # null: reject every trial
+        assert cal["epoch"] == 2 and cal["score_kind"] == "raw" and cal["list"] == "synth_test"
+        assert cal["fbank"]["checked_against"]["utterance"] in {u for t in trials for u in t[:2]}
+
+
+@pytest.mark.parametrize("system", ["tiny_cap", "tiny_sap"])
+def test_scores_equal_stage3_and_decisions_follow_the_thresholds(tiny_recipe, tmp_path, system):
+    trials, scores, wav = stage3(tiny_recipe, system)
+    picked = some_trials(trials)
+    pairs = [(wav[trials[i][0]], wav[trials[i][1]]) for i in picked]
+    extra = []
+    if system == "tiny_cap":
+        # the first trial's test file at 22.05 kHz in stereo: resampled and averaged as stage 1 does
+        x, sr = soundfile.read(pairs[0][1], dtype="float32")
+        y = resample_poly(x, 441, 320).astype(np.float32)
+        soundfile.write(tmp_path / "b22k.wav", np.stack([y, 0.5 * y], 1), 22050, subtype="PCM_16")
+        extra = [(pairs[0][0], str(tmp_path / "b22k.wav"))]
+    (tmp_path / "pairs.txt").write_text("".join(f"{a} {b}\n" for a, b in pairs + extra))
+    rows = output_rows(verify("--exp", tiny_recipe / "exp" / system, "--pairs", tmp_path / "pairs.txt"))
+    assert [tuple(r[:2]) for r in rows] == pairs + extra
+    got = np.array([float(r[2]) for r in rows])
+    np.testing.assert_allclose(got[:len(pairs)], scores[picked], rtol=0, atol=1e-5)
+    t = json.loads((tiny_recipe / "exp" / system / FILE).read_text())["thresholds"]
+    for r, s in zip(rows, got):
+        assert r[3:] == ["accept" if t[k] is not None and s >= t[k] else "reject" for k in ("eer", "min_dcf_0.05")]
+    if extra:   # the resampled copy scores as its original, far within the list's spread
+        assert abs(got[-1] - got[0]) < 0.1 * scores.std()
+
+
+def test_resampled_file_gives_the_original_frames(tiny_recipe, tmp_path):
+    _, _, wav = stage3(tiny_recipe, "tiny_cap")
+    opts = json.loads((tiny_recipe / "exp/tiny_cap" / FILE).read_text())["fbank"]["options"]
+    src = next(iter(wav.values()))
+    x, _ = soundfile.read(src, dtype="float32")
+    soundfile.write(tmp_path / "r.flac", resample_poly(x, 441, 320), 22050)
+    a, b = file_features(src, opts), file_features(str(tmp_path / "r.flac"), opts)
+    assert a.shape == b.shape                                 # not 22050/16000 times as many frames
+    assert np.abs(a - b).mean() < 0.05 * np.abs(a - a[::-1]).mean()
+
+
+def test_each_distinct_file_runs_through_the_trunk_once(tiny_recipe):
+    _, _, wav = stage3(tiny_recipe, "tiny_sap")
+    a, b = list(wav.values())[:2]
+    exp = tiny_recipe / "exp/tiny_sap"
+    cal = json.loads((exp / FILE).read_text())
+    reader, trials = read_files([(a, b), (b, a), (a, a), (a, b)], cal["fbank"]["options"])
+    assert len(reader.mats) == 2 and trials[0] == trials[3] and trials[2][0] == trials[2][1]
+    state = checkpoint.load_for_inference(exp)
+    net = SpeakerNet.from_config(state["config"])
+    net.load_state_dict(state["model"])
+    net.eval()
+    seen, frames = [], net.frames
+    net.frames = lambda x: seen.append(len(x)) or frames(x)
+    scores = score_files(net, reader, trials, cal["eval"], torch.device("cpu"), 8)
+    assert sum(seen) == 2 * cal["eval"]["num_crops"]
+    assert scores[0] == scores[3] and abs(scores[0] - scores[1]) < 1e-6   # (b, a) is (a, b)
+
+
+def test_verify_decides_with_the_recorded_fbank_options(tiny_recipe, tmp_path):
+    """calibration.json's options are the ones used (not conf/fbank.conf as it may be now)."""
+    trials, scores, wav = stage3(tiny_recipe, "tiny_cap")
+    exp = tmp_path / "tiny_cap"
+    shutil.copytree(tiny_recipe / "exp/tiny_cap", exp)
+    cal = json.loads((exp / FILE).read_text())
+    cal["fbank"]["options"]["frame_shift"] = 12.5
+    (exp / FILE).write_text(json.dumps(cal))
+    [row] = output_rows(verify("--exp", exp, wav[trials[0][0]], wav[trials[0][1]]))
+    assert row[:2] == [wav[trials[0][0]], wav[trials[0][1]]] and abs(float(row[2]) - scores[0]) > 1e-5
+
+
+def one_error_line(r, *needles):
+    assert r.returncode != 0 and r.stdout == ""
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ERROR: "), r.stderr
+    for n in needles:
+        assert str(n) in lines[0], lines[0]
+
+
+def test_bad_input_is_one_line(tiny_recipe, tmp_path):
+    _, _, wav = stage3(tiny_recipe, "tiny_cap")
+    good = next(iter(wav.values()))
+    exp = tiny_recipe / "exp/tiny_cap"
+    garbage = tmp_path / "garbage.wav"
+    garbage.write_bytes(bytes(range(256)) * 16)
+    one_error_line(verify("--exp", exp, good, garbage), garbage, "not audio that stage 1 can read")
+    one_error_line(verify("--exp", exp, good, tmp_path / "absent.wav"), tmp_path / "absent.wav", "no such audio file")
+    (tmp_path / "bad_pairs.txt").write_text(f"{good} {good}\n{good}\n")
+    one_error_line(verify("--exp", exp, "--pairs", tmp_path / "bad_pairs.txt"), "bad_pairs.txt:2", "two audio paths")
+    one_error_line(verify("--exp", exp, good), "give two audio files")
+
+    copy = tmp_path / "tiny_cap"
+    shutil.copytree(exp, copy)
+    cal = json.loads((copy / FILE).read_text())
+    cal["epoch"] = 1                     # scores of an older checkpoint than the newest
+    (copy / FILE).write_text(json.dumps(cal))
+    one_error_line(verify("--exp", copy, good, good), "epoch 1", "newest checkpoint is epoch 2",
+                   "re-run stages 3 and 4")
+    (copy / FILE).unlink()
+    one_error_line(verify("--exp", copy, good, good), copy / FILE, "run stage 4")
