@@ -44,6 +44,10 @@ class SAP(nn.Module):
     def grid(self, a, b):
         return broadcast_grid(self.single(a), self.single(b))
 
+    def weights(self, x):
+        """The attention weights w_t of x [..., T, C] -> [..., T] (each sums to 1), as `single` pools with them."""
+        return torch.softmax((torch.tanh(self.attention(x)) @ self.context).squeeze(-1), dim=-1)
+
 
 def broadcast_grid(ea, eb):
     """Pair-independent embeddings laid out as the [..., Nb, Na, C] grids of a CAP grid."""
@@ -107,6 +111,16 @@ def cap_cross_logits(sxt, mx, syt):
     v = torch.bmm(y, syt.reshape(b * ky, d, ty).transpose(1, 2))            # G_y m: [(B, j), i, D]
     v = v.view(b, ky, kx, d).transpose(1, 2).reshape(b * kx, ky, d)        # [(B, i), j, D]
     return torch.bmm(v, sxt.reshape(b * kx, d, tx))                          # [(B, i), j, t]
+
+
+def cap_cross_weights(cap, x, y):
+    """CAP's attention weights (eq. 11) of each sequence of x [Kx, Tx, C] against each of y [Ky, Ty, C]:
+    [Kx, Ky, Tx], each summing to 1 over Tx. Computed as stage 3 does (cap_unit_frames, cap_cross_logits);
+    y's weights against x are cap_cross_weights(cap, y, x)."""
+    sx, sy = cap_unit_frames(cap, x), cap_unit_frames(cap, y)
+    mx = sx.sum(-2) / (x.shape[-2] * cap.tau)
+    logits = cap_cross_logits(sx.transpose(-1, -2)[None], mx[None], sy.transpose(-1, -2)[None])
+    return torch.softmax(logits, dim=-1)
 
 
 def cap_pair_direct(cap, s, q):
