@@ -52,6 +52,10 @@ DEFAULTS = {
         "num_crops": 10,
         "crop_frames": 350,
         "trial_batch": 128,          # trials scored together (CAP)
+        # AS-norm (stage 3 with --cohort-data / run.sh --asnorm true): one utterance per training speaker, at most
+        # cohort_size speakers (all 5,994 of VoxCeleb2 dev); top-K scores of each side
+        "cohort_size": 6000,
+        "asnorm_top_k": 300,
     },
 }
 
@@ -59,7 +63,7 @@ DEFAULTS = {
 # never the method.
 SCALE_KEYS = {
     "train.epochs", "train.speakers_per_batch", "train.lr_decay_every", "train.num_workers",
-    "eval.trial_batch",
+    "eval.trial_batch", "eval.asnorm_top_k",
 }
 
 CHOICES = {"device": {"auto", "cpu", "cuda"}, "model.pooling": {"tap", "sap", "cap"}}
@@ -89,6 +93,8 @@ RANGES = {
     "eval.num_crops": (1, False, None, False),
     "eval.crop_frames": (1, False, None, False),
     "eval.trial_batch": (1, False, None, False),
+    "eval.cohort_size": (2, False, None, False),     # a spread needs two scores
+    "eval.asnorm_top_k": (2, False, None, False),
 }
 
 

@@ -194,10 +194,11 @@ def cache_from_frames(net, frames, utts_per_batch=64):
 
 
 @torch.no_grad()
-def score_trials(net, cache, trials, trial_batch):
+def score_trials(net, cache, trials, trial_batch, test_cache=None):
     """Mean cosine over all crop pairs, for each (enroll, test, ...) trial, in trial order (float64).
 
-    `cache` is a ScoringCache (or a {utt: trunk outputs} dict, cached here in memory). Trials are scored
+    `cache` is a ScoringCache (or a {utt: trunk outputs} dict, cached here in memory); with `test_cache` (a
+    second one, e.g. AS-norm's cohort, both in memory) the test side's rows come from it. Trials are scored
     `trial_batch` at a time (at most CPU_TRIAL_BATCH on a CPU); memory beyond the cache is a few batch-sized
     tensors per worker.
 
@@ -211,7 +212,8 @@ def score_trials(net, cache, trials, trial_batch):
     if not trials:
         return scores
     ia = np.array([cache.row[e] for e, *_ in trials])
-    ib = np.array([cache.row[t] for _, t, *_ in trials])
+    tcache = cache if test_cache is None else test_cache
+    ib = np.array([tcache.row[t] for _, t, *_ in trials])
     on_cpu = cache.device.type == "cpu"
     workers = torch.get_num_threads() if on_cpu else 1
     if on_cpu:
@@ -233,7 +235,7 @@ def score_trials(net, cache, trials, trial_batch):
         if workers > 1:
             torch.set_num_threads(1)
         with ThreadPoolExecutor(workers) as pool:
-            for sel, fa, la, fb, lb in _blocks(cache, ia, ib):
+            for sel, fa, la, fb, lb in _blocks(cache, ia, ib, tcache):
                 # in enrollment order, so consecutive batches find an enrollment's rows still in cache
                 order = np.lexsort((lb, la))
                 group = sel[order], fa, la[order], fb, lb[order]
@@ -245,14 +247,20 @@ def score_trials(net, cache, trials, trial_batch):
     return scores
 
 
-def _blocks(cache, ia, ib):
+def _blocks(cache, ia, ib, tcache=None):
     """Yield (trial numbers, enroll fields, their local rows, test fields, their local rows).
 
     In memory: one group, everything. Spilled: the rows are cut into blocks of `rows_per_block`; each trial
     goes to the lower block of its two utterances. For each such block p, p's rows are loaded once, and the
     rows its trials need from other blocks are streamed in chunks of at most `rows_per_block`: two blocks'
     worth of rows in memory at any time, whatever the number of utterances or trials.
+    Test rows from another cache `tcache` (both in memory): one group.
     """
+    if tcache is not None and tcache is not cache:
+        if not (cache.in_memory and tcache.in_memory):
+            raise ValueError("score_trials: rows from two caches need both in memory")
+        yield np.arange(len(ia)), cache.data, ia, tcache.data, ib
+        return
     if cache.in_memory:
         f = cache.data
         yield np.arange(len(ia)), f, ia, f, ib

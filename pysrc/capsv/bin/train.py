@@ -29,7 +29,8 @@ from capsv.utils import UserError, atomic_open, progress
 # What may change between a run and its resumption; anything else means a different experiment.
 # The number of ranks is not a key: a run resumes on any number of GPUs (the objective is the same).
 RESUMABLE_KEYS = {"train.epochs", "train.num_workers", "train.prefetch_factor", "train.keep_checkpoints", "device",
-                  "train.channels_last", "train.compile", "train.dist_timeout_s"}
+                  "train.channels_last", "train.compile", "train.dist_timeout_s",
+                  "eval.cohort_size", "eval.asnorm_top_k"}   # AS-norm: scoring only; older configs lack them
 DATA_WAIT_WARN = 0.10   # share of step time spent waiting for the loader above which the log warns
 log = logging.getLogger("capsv.train")
 
