@@ -18,7 +18,7 @@ from capsv.config import load_config
 from capsv.models.pooling import cap_cross_weights
 from capsv.models.speaker_net import SpeakerNet
 from capsv.scoring import crop_starts, score_trials, trunk_batches
-from capsv.utils import UserError
+from capsv.utils import UserError, atomic_path
 
 
 def trunk_time_stride(trunk):
@@ -159,8 +159,6 @@ def plot(path, utts, feats, cap, sap=None, crop_pair=None, title="", frame_shift
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from capsv.utils import atomic_path
 
     fig = plt.figure(figsize=(12, 8.5))
     grid = fig.add_gridspec(5, 1, height_ratios=[2, 1.3, 0.55, 2, 1.3], hspace=0.08,
