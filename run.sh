@@ -39,6 +39,7 @@ ngpu=0                      # training GPUs per node: 0/1 one process; N > 1 tor
 nnodes=1                    # training nodes; run stage 2 on each with its --node-rank
 node_rank=0                 # this node's index (node 0 hosts the rendezvous)
 rdzv_endpoint=""            # --nnodes > 1: HOST:PORT of node 0 for torchrun's c10d rendezvous
+asnorm=false                # stage 3 also writes AS-norm scores (<list>.asnorm.score), cohort from the train set
 calibration_list=trials     # stage 4: the test set's trial list whose raw scores fix verify's thresholds
 
 help_message="Usage: bash run.sh [options]
@@ -58,6 +59,8 @@ help_message="Usage: bash run.sh [options]
   --ngpu N                     training GPUs per node (default $ngpu); N > 1: torchrun + DDP, same global batch
   --nnodes M --node-rank K --rdzv-endpoint HOST:PORT   multi-node training: on every node
                                bash run.sh --stage 2 --stop-stage 2 --ngpu N --nnodes M --node-rank K ...
+  --asnorm true|false          stage 3 also AS-norm normalises every list, the cohort one utterance per training
+                               speaker (eval.cohort_size, eval.asnorm_top_k; default $asnorm)
   --calibration-list NAME      trial list of the test set (trials, trials_<x>) that calibrates verify's thresholds (default $calibration_list)"
 
 . ./path.sh
@@ -157,8 +160,13 @@ if [ $stage -le 2 ] && [ $stop_stage -ge 2 ]; then
 fi
 
 if [ $stage -le 3 ] && [ $stop_stage -ge 3 ]; then
-  log "stage 3: scoring every trial list of $test_dir with $expdir ($nj jobs)"
-  steps/score.sh --nj "$nj" --cmd "$train_cmd" "$expdir" "$test_dir"
+  case $asnorm in
+    true) score_opts=(--cohort-data "$train_dir"); what=", and AS-norm with a cohort from $train_dir" ;;
+    false) score_opts=(); what= ;;
+    *) die "--asnorm must be true or false, got '$asnorm'" ;;
+  esac
+  log "stage 3: scoring every trial list of $test_dir with $expdir ($nj jobs)$what"
+  steps/score.sh --nj "$nj" --cmd "$train_cmd" ${score_opts[@]+"${score_opts[@]}"} "$expdir" "$test_dir"
 fi
 
 if [ $stage -le 4 ] && [ $stop_stage -ge 4 ]; then

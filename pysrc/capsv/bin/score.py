@@ -2,7 +2,7 @@
 
     python -m capsv.bin.score --exp exp/mini_cap --data data/synth_test \\
         --trials data/synth_test/trials --out exp/mini_cap/scores/synth_test.score \\
-        [--trials T2 --out O2 ...] [--job J --njobs N] [eval.key=value ...]
+        [--trials T2 --out O2 ...] [--job J --njobs N] [--cohort-data data/synth_train] [eval.key=value ...]
     python -m capsv.bin.score --merge --njobs N --trials T --out O [--trials T2 --out O2 ...]
 
 Uses the newest checkpoint in <exp>/models and the config saved in <exp>/config.yaml. Writes
@@ -11,7 +11,12 @@ the checkpoint epoch and the SHA-256 of the trials it scored (stage 4 reports an
 All lists are scored in one pass, so the trunk runs once per utterance however many lists name it.
 With --job J --njobs N (steps/score.sh runs one per job) the J-th contiguous N-th of each list
 goes to <out>.J; --merge joins the N parts into <out> in trial order, checking that they cover
-the list once and come from the same checkpoint.
+the list once and come from the same checkpoint (and cohort).
+
+With --cohort-data DIR (the training data dir) each list is also AS-norm normalised (capsv.asnorm) into
+<list>.asnorm.score beside <list>.score, same format and trial order, its .json holding the raw one's
+fields plus the cohort (data dir, SHA-256 of its utt2spk, speakers, size, top_k); its log line says
+what the normalisation cost per trial. Merge those parts with --out <list>.asnorm.score.
 """
 import argparse
 import json
@@ -22,6 +27,7 @@ import time
 import torch
 
 from capsv import checkpoint
+from capsv.asnorm import Cohort, asnorm_path, cohort_stats, normalise_trials
 from capsv.bin.train import pick_device
 from capsv.config import load_config
 from capsv.data import ArkReader, read_data_dir
@@ -59,10 +65,10 @@ def merge(pairs, njobs):
         n = infos[0]["n_trials"]
         expect = 0
         for j, info in enumerate(infos, 1):
-            if (info["trials_sha256"], info["epoch"], info["n_trials"]) != \
-                    (infos[0]["trials_sha256"], infos[0]["epoch"], n) or info["first"] != expect:
-                raise UserError(f"{out}.{j}: this part does not belong with {out}.1 (other trials, checkpoint "
-                                f"or split); re-run stage 3")
+            same = ("trials_sha256", "epoch", "n_trials", "cohort")
+            if [info.get(k) for k in same] != [infos[0].get(k) for k in same] or info["first"] != expect:
+                raise UserError(f"{out}.{j}: this part does not belong with {out}.1 (other trials, checkpoint, "
+                                f"cohort or split); re-run stage 3")
             expect = info["first"] + info["count"]
         if expect != n or infos[0]["trials_sha256"] != sha256(trials_path):
             raise UserError(f"{out}.*: the parts do not cover {trials_path} as it is now; re-run stage 3")
@@ -87,6 +93,8 @@ def main():
     p.add_argument("--job", type=int, default=1, help="this job's index, 1..njobs")
     p.add_argument("--njobs", type=int, default=1, help="number of jobs the trials are split into")
     p.add_argument("--merge", action="store_true", help="join the parts <out>.1..<out>.N of --njobs jobs")
+    p.add_argument("--cohort-data", help="AS-norm cohort data dir (the training set's, with features): also write "
+                   "<list>.asnorm.score per list")
     p.add_argument("overrides", nargs="*", help="eval.* or device overrides, e.g. eval.trial_batch=64")
     args = p.parse_args()
     if len(args.trials) != len(args.out):
@@ -107,6 +115,9 @@ def main():
             raise UserError(f"override '{o}': scoring takes only eval.* and device overrides")
     cfg = load_config(cfg_path, args.overrides)
     utt2spk, nframes, scp = read_data_dir(args.data)
+    cohort = Cohort(args.cohort_data, cfg["eval"]) if args.cohort_data else None
+    if cohort and cohort.warning:
+        print(cohort.warning, file=sys.stderr)
     lists = []
     for trials_path, out in pairs:
         trials = read_trials(trials_path, known_utts=set(utt2spk))
@@ -124,19 +135,40 @@ def main():
     net.eval()
 
     utts = sorted({u for _, _, part, _, _ in lists for e, t, _ in part for u in (e, t)})
+    spill_dir = os.path.dirname(os.path.abspath(lists[0][1]))
+    t_cohort = cohort.build(net, cfg["eval"], device, spill_dir) if cohort and utts else 0.0
     t0 = time.time()
-    frames = utterance_cache(net, ArkReader(scp), nframes, utts, cfg["eval"], device,
-                             spill_dir=os.path.dirname(os.path.abspath(lists[0][1])))
+    frames = utterance_cache(net, ArkReader(scp), nframes, utts, cfg["eval"], device, spill_dir=spill_dir)
     t1 = time.time()
+    raw = []
     for trials_path, out_path, part, first, total in lists:
         scores = score_trials(net, frames, part, cfg["eval"]["trial_batch"])
-        write_scores(out_path, part, scores)
-        write_info(out_path, {"epoch": state["epoch"], "checkpoint": checkpoint.checkpoint_path(
+        info = {"epoch": state["epoch"], "checkpoint": checkpoint.checkpoint_path(
             os.path.join(args.exp, "models"), state["epoch"]), "trials": trials_path,
-            "trials_sha256": sha256(trials_path), "n_trials": total, "first": first, "count": len(part)})
+            "trials_sha256": sha256(trials_path), "n_trials": total, "first": first, "count": len(part)}
+        write_scores(out_path, part, scores)
+        write_info(out_path, info)
+        raw.append((scores, info))
         print(f"scored {len(part)} trials of {trials_path} with epoch {state['epoch']} -> {out_path}")
+    t2 = time.time()
     print(f"{cfg['model']['pooling'].upper()}: trunk on {len(utts)} utterances {t1 - t0:.1f} s, "
-          f"trial pairs {time.time() - t1:.1f} s")
+          f"trial pairs {t2 - t1:.1f} s")
+    if cohort:
+        stats = cohort_stats(net, frames, utts, cohort.cache, cohort.top_k, cfg["eval"]["trial_batch"]) \
+            if utts else {}
+        for (_, out), (_, _, part, _, _), (scores, info) in zip(pairs, lists, raw):
+            norm_path = asnorm_path(out) + (f".{args.job}" if args.njobs > 1 else "")
+            write_scores(norm_path, part, normalise_trials(part, scores, stats))
+            write_info(norm_path, {**info, "cohort": cohort.info})
+            print(f"AS-norm scored {len(part)} trials -> {norm_path}")
+        n_trials = sum(len(part) for _, _, part, _, _ in lists)
+        pair_scores = len(utts) * len(cohort.utts)
+        t3 = time.time()
+        print(f"AS-norm: cohort {len(cohort.utts)} utterances of {cohort.info['data']}, top {cohort.top_k}; "
+              f"{len(utts)} utterances x {len(cohort.utts)} = {pair_scores} cohort scores for {n_trials} trials "
+              f"({pair_scores / max(n_trials, 1):.1f} per trial): {t3 - t2:.1f} s, "
+              f"{(t3 - t2) / max(n_trials, 1) * 1e3:.2f} ms per trial (raw {(t2 - t1) / max(n_trials, 1) * 1e3:.2f}); "
+              f"cohort trunk {t_cohort:.1f} s")
 
 
 if __name__ == "__main__":
