@@ -69,7 +69,8 @@ def test_cohort_stats_two_caches_and_spilled_equal_one_cache(tmp_path, pooling):
         spilled = build_cache(net, utts, [(utts, torch.stack([test[u] for u in utts]))], torch.device("cpu"),
                               mem_bytes=1, spill_dir=tmp_path)
         assert not spilled.in_memory
-        old, asnorm.PAIRS_PER_BLOCK = asnorm.PAIRS_PER_BLOCK, 12        # blocks of 2 utterances
+        old = asnorm.PAIRS_PER_BLOCK, asnorm.DOT_PAIRS_PER_BLOCK
+        asnorm.PAIRS_PER_BLOCK = asnorm.DOT_PAIRS_PER_BLOCK = 12       # blocks of 2 utterances
         try:
             for cache in (in_mem, spilled):
                 stats = cohort_stats(net, cache, utts[::-1], coh_cache, 3, 4)
@@ -77,7 +78,7 @@ def test_cohort_stats_two_caches_and_spilled_equal_one_cache(tmp_path, pooling):
                 np.testing.assert_allclose(got[:, 0], want_m, atol=1e-6)
                 np.testing.assert_allclose(got[:, 1], want_s, atol=1e-6)
         finally:
-            asnorm.PAIRS_PER_BLOCK = old
+            asnorm.PAIRS_PER_BLOCK, asnorm.DOT_PAIRS_PER_BLOCK = old
     assert np.ptp(want_m) > 1e-3
 
 

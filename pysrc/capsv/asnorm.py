@@ -24,9 +24,10 @@ from capsv.data import ArkReader, read_data_dir
 from capsv.scoring import ScoringCache, score_trials, utterance_cache
 from capsv.utils import UserError, progress, sha256
 
-# Cohort pair scores per call of the scorer: bounds the scores and pair lists held at once (0.5 MB of
-# float64), and is large enough that each call's start-up is negligible next to its CAP pairs.
+# Cohort pair scores per block: bounds the scores and pair lists held at once (CAP: 0.5 MB of float64, each
+# call's start-up negligible next to its pairs; TAP/SAP: 8 MB, so each matrix product reads the cohort rarely).
 PAIRS_PER_BLOCK = 1 << 16
+DOT_PAIRS_PER_BLOCK = 1 << 20
 # A zero spread (all K cohort scores equal, e.g. a silent utterance) would divide by zero.
 STD_FLOOR = 1e-8
 
@@ -114,7 +115,7 @@ def cohort_scores(net, cache, utts, cohort_cache, trial_batch):
 def cohort_stats(net, cache, utts, cohort_cache, top_k, trial_batch):
     """{utt: (μ, σ)} of the top_k scores of each of `utts` (rows of `cache`) against the cohort."""
     utts = sorted(set(utts), key=cache.row.__getitem__)       # cache order: a spilled cache is read forwards
-    per = max(1, PAIRS_PER_BLOCK // len(cohort_cache.utts))
+    per = max(1, (PAIRS_PER_BLOCK if net.pair_dependent else DOT_PAIRS_PER_BLOCK) // len(cohort_cache.utts))
     mean, std = np.empty(len(utts)), np.empty(len(utts))
     for i in progress(range(0, len(utts), per), desc="AS-norm cohort", leave=False):
         block = utts[i:i + per]
@@ -130,3 +131,43 @@ def normalise_trials(trials, raw, stats):
     me, se = np.array([stats[e] for e, *_ in trials]).T
     mt, st = np.array([stats[t] for _, t, *_ in trials]).T
     return as_norm(np.asarray(raw, dtype=np.float64), me, se, mt, st)
+
+
+@torch.no_grad()
+def measure_cost(pooling="cap", n_utts=32, n_cohort=256, n_trials=2048, vox1o=(4715, 5994, 37720), seed=0):
+    """What AS-norm adds per trial, measured from random trunk outputs of the paper's sizes (10 crops x 88 frames
+    x 128 channels, fc 512) with the paper's network: ms per raw trial and per cohort pair score (through
+    cohort_stats, as stage 3 runs it), and the Vox1-O figure (utterances x cohort / trials pair scores per trial).
+
+        python -c "from capsv.asnorm import measure_cost; print(measure_cost('cap'))"
+    """
+    import os
+
+    from capsv.config import load_config
+    from capsv.models.speaker_net import SpeakerNet
+    from capsv.scoring import cache_from_frames
+
+    cfg = load_config(os.path.join(os.path.dirname(__file__), "..", "..", "conf", f"{pooling}.yaml"))
+    torch.manual_seed(seed)
+    net = SpeakerNet.from_config(cfg).eval()
+    net.head[0].running_mean.uniform_(0.0, 1.0)     # BN statistics of a trained model, roughly (as the bench)
+    net.head[0].running_var.uniform_(0.1, 1.0)
+    ecfg, g = cfg["eval"], torch.Generator().manual_seed(seed + 1)
+    shape = (ecfg["num_crops"], -(-ecfg["crop_frames"] // 4), net.trunk.out_dim)
+    test = cache_from_frames(net, {f"t{i:05d}": torch.rand(*shape, generator=g) for i in range(n_utts)})
+    cohort = cache_from_frames(net, {f"c{i:05d}": torch.rand(*shape, generator=g) for i in range(n_cohort)})
+    # raw trials among the cohort's rows: as many utterances as the cohort, more than the L3 holds (as Vox1-O's)
+    rng = np.random.default_rng(seed)
+    trials = [(cohort.utts[a], cohort.utts[b]) for a, b in rng.integers(0, n_cohort, (n_trials, 2))]
+    score_trials(net, cohort, trials[:64], ecfg["trial_batch"])             # warm-up
+    t0 = time.perf_counter()
+    score_trials(net, cohort, trials, ecfg["trial_batch"])
+    t1 = time.perf_counter()
+    cohort_stats(net, test, test.utts, cohort, min(ecfg["asnorm_top_k"], n_cohort), ecfg["trial_batch"])
+    t2 = time.perf_counter()
+    per_pair = (t2 - t1) / (n_utts * n_cohort)
+    utts, size, n = vox1o
+    return {"pooling": pooling, "threads": torch.get_num_threads(), "ms_per_raw_trial": (t1 - t0) / n_trials * 1e3,
+            "ms_per_cohort_pair": per_pair * 1e3, "measured_pairs": n_utts * n_cohort,
+            "vox1o_pairs_per_trial": utts * size / n, "vox1o_asnorm_ms_per_trial": utts * size / n * per_pair * 1e3,
+            "vox1o_asnorm_total_s": utts * size * per_pair}
