@@ -33,7 +33,7 @@ from capsv import checkpoint
 from capsv.config import load_config
 from capsv.features import read_fbank_conf
 from capsv.models.speaker_net import SpeakerNet
-from capsv.utils import UserError, atomic_path, sha256
+from capsv.utils import UserError, atomic_open, atomic_path, sha256
 
 _EPS = 1e-12     # the norm floor of stage 3's cosines (capsv.scoring)
 CROP_RULE = ("starts = numpy.linspace(0, max(num_frames - crop_frames, 0), num_crops).round().astype(int); "
@@ -128,7 +128,7 @@ def parts(net):
 
 def check_inputs(name, net):
     """Inputs of another size than the export examples (a graph specialised to one size fails on them);
-    frames come from the trunk, so the pooling and head see values of the size they were trained on."""
+    frames come from the trunk, so the pooling and head see values of the scale they were trained on."""
     n_mels = net.trunk.instance_norm.num_features
     if name == "trunk":
         return (torch.randn(3, 123, n_mels),)
@@ -172,7 +172,7 @@ def _onnx(module, example, in_names, out_names, dyn, path):
 
 
 def _check_onnx(path, in_names, inputs, want):
-    """Max |difference| of onnxruntime's outputs from the eager model's, or None without onnxruntime."""
+    """_rel_diff of onnxruntime's outputs from the eager model's, or None without onnxruntime."""
     try:
         import onnxruntime
     except ImportError:
@@ -187,6 +187,8 @@ def export(exp, out=None, onnx=False, fbank_config="conf/fbank.conf", log=print)
     fbank = read_fbank_conf(fbank_config)       # first: a bad option is one line before any work
     net, state, cfg = load_net(exp)
     os.makedirs(out, exist_ok=True)
+    if os.path.exists(os.path.join(out, "export.json")):   # until this export is complete, the dir has none
+        os.remove(os.path.join(out, "export.json"))
     files, checks = {}, {}
     torch.manual_seed(0)
     with torch.no_grad():
@@ -231,14 +233,13 @@ def export(exp, out=None, onnx=False, fbank_config="conf/fbank.conf", log=print)
                   "num_crops x num_crops crop pairs (stage 3's score)"
                   + ("" if net.pair_dependent else "; equally embed(trunk(crops of a)) . embed(trunk(crops of b))")),
         "parts": files,
-        "checked_max_abs_diff": checks,
+        "checked_max_rel_diff": checks,
         "sha256": {f: sha256(os.path.join(out, f)) for p in files.values() for f in p["files"].values()},
         "torch": torch.__version__,
     }
-    with atomic_path(os.path.join(out, "export.json")) as tmp:
-        with open(tmp, "w") as f:
-            json.dump(record, f, indent=1)
-            f.write("\n")
+    with atomic_open(os.path.join(out, "export.json")) as f:
+        json.dump(record, f, indent=1)
+        f.write("\n")
     for stale in set(KNOWN_FILES) - set(record["sha256"]):
         if os.path.exists(os.path.join(out, stale)):
             os.remove(os.path.join(out, stale))
