@@ -145,7 +145,8 @@ def main():
         scores = score_trials(net, frames, part, cfg["eval"]["trial_batch"])
         info = {"epoch": state["epoch"], "checkpoint": checkpoint.checkpoint_path(
             os.path.join(args.exp, "models"), state["epoch"]), "trials": trials_path,
-            "trials_sha256": sha256(trials_path), "n_trials": total, "first": first, "count": len(part)}
+            "trials_sha256": sha256(trials_path), "n_trials": total, "first": first, "count": len(part),
+            "eval": cfg["eval"]}     # the crops that made these scores: verify's calibration reproduces them
         write_scores(out_path, part, scores)
         write_info(out_path, info)
         raw.append((scores, info))
