@@ -42,6 +42,7 @@ PRESETS = {
     # name: (train_speakers, train_utts, test_speakers, test_utts, min_dur, max_dur)
     "mini": (200, 10, 40, 8, 2.5, 5.0),
     "tiny": (8, 4, 4, 4, 2.2, 3.0),
+    "small": (40, 6, 10, 6, 2.2, 3.0),   # the tests' trained runs: enough speakers for CAP to learn in a minute
 }
 SET_CODES = {"train": 1, "test": 2, "distractor": 3}
 SET_PREFIX = {"train": "tr", "test": "te"}

@@ -12,7 +12,7 @@ set -euo pipefail
 export LC_ALL=C
 
 # defaults (all can be set with --option value)
-size=mini          # mini (200x10 train, 40x8 test, 2.5-5 s) or tiny (8x4, 4x4, 2.2-3 s)
+size=mini          # mini (200x10 train, 40x8 test, 2.5-5 s), small (40x6, 10x6, 2.2-3 s) or tiny (8x4, 4x4, 2.2-3 s)
 nj=2               # parallel worker processes (the output does not depend on it)
 seed=777
 train_speakers=    # the options below override the --size preset when given
@@ -27,7 +27,7 @@ echo "$0 $*"
 help_message="usage: $0 [options] <corpus-dir> <data-dir>
 e.g.: $0 --nj 4 corpus data
 options:
-  --size <mini|tiny>        size preset (default $size)
+  --size <mini|small|tiny>  size preset (default $size)
   --nj <n>                  parallel jobs (default $nj)
   --seed <n>                random seed; the corpus is a function of it (default $seed)
   --train-speakers <n>      override the preset: number of training speakers
@@ -45,7 +45,7 @@ fi
 corpus=${1%/}
 data=${2%/}
 
-case "$size" in mini|tiny) ;; *) echo "$0: ERROR: --size must be mini or tiny, got '$size'" >&2; exit 1 ;; esac
+case "$size" in mini|small|tiny) ;; *) echo "$0: ERROR: --size must be mini, small or tiny, got '$size'" >&2; exit 1 ;; esac
 [[ $nj =~ ^[1-9][0-9]*$ ]] || { echo "$0: ERROR: --nj must be a positive integer, got '$nj'" >&2; exit 1; }
 [[ $seed =~ ^[0-9]+$ ]] || { echo "$0: ERROR: --seed must be a non-negative integer, got '$seed'" >&2; exit 1; }
 

@@ -68,13 +68,13 @@ def results_row(exp_dir):
     return float(line[1]), float(line[2])
 
 
-def test_one_command_trains_scores_tabulates_and_resumes(tiny_recipe, tmp_path):
-    root = tiny_recipe
+def test_one_command_trains_scores_tabulates_and_resumes(trained_recipe, tmp_path):
+    root = trained_recipe
     exp = tmp_path / "ablation"
-    cmd = ["bash", "local/run_ablation.sh", "--seeds", "1 2", "--poolings", "tap cap", "--synth-size", "tiny",
+    cmd = ["bash", "local/run_ablation.sh", "--seeds", "1 2", "--poolings", "tap cap", "--synth-size", "small",
            "--data", f"{root}/data", "--fbankdir", f"{root}/fbank", "--corpusdir", f"{root}/corpus",
            "--exp", str(exp), "--boot", "200",
-           "--train-opts", "train.epochs=1 train.speakers_per_batch=4 train.num_workers=0"]
+           "--train-opts", "train.epochs=1 train.speakers_per_batch=10 train.num_workers=0 eval.num_crops=2"]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "stages 0-1 skipped" in r.stdout
@@ -85,8 +85,10 @@ def test_one_command_trains_scores_tabulates_and_resumes(tiny_recipe, tmp_path):
     for pooling in ("tap", "cap"):
         eers, dcfs = zip(*(results_row(exp / f"seed{s}/mini_{pooling}") for s in (1, 2)))
         row = rows[pooling.upper()]
-        assert row[3] == f"{statistics.mean(eers):.2f} ± {statistics.stdev(eers):.2f}"
-        assert row[2] == f"{statistics.mean(dcfs):.3f} ± {statistics.stdev(dcfs):.3f}"
+        (eer_mean, eer_sd), (dcf_mean, dcf_sd) = ([float(v) for v in row[i].split(" ± ")] for i in (3, 2))
+        # results.txt holds rounded values; the table is computed from the scores
+        assert abs(eer_mean - statistics.mean(eers)) < 0.006 and abs(eer_sd - statistics.stdev(eers)) < 0.011
+        assert abs(dcf_mean - statistics.mean(dcfs)) < 6e-4 and abs(dcf_sd - statistics.stdev(dcfs)) < 1.1e-3
         assert row[4] == f"{eers[0]:.2f} (seed 1), {eers[1]:.2f} (seed 2)" and row[6] == "1"
     assert "| CAP − TAP |" in table and "paper" in table
 

@@ -122,27 +122,27 @@ def read_score_file(path):
     return [(e, t) for e, t, _ in rows], np.array([float(s) for *_, s in rows])
 
 
-def small_root(tiny_recipe, tmp_path):
-    """data/ with the fixture's training dir and a test dir cut to its 8 utterances u001/u002 (8 trials, and a
-    second list trials_x of 4), so each scoring run's trunk sees few utterances; features stay the fixture's."""
+def small_root(trained_recipe, tmp_path):
+    """data/ with the fixture's training dir and a test dir cut to the 8 utterances u001/u002 of its first 4 speakers
+    (10 trials, and a second list trials_x of 5), so each scoring run's trunk sees few utterances; features stay the fixture's."""
     root = tmp_path / "root"
-    shutil.copytree(tiny_recipe / "data/synth_train", root / "data/synth_train")
-    src, dst = tiny_recipe / "data/synth_test", root / "data/synth_test"
+    shutil.copytree(trained_recipe / "data/synth_train", root / "data/synth_train")
+    src, dst = trained_recipe / "data/synth_test", root / "data/synth_test"
     dst.mkdir(parents=True)
-    keep = lambda u: u.endswith(("-u001", "-u002"))                   # noqa: E731
+    keep = lambda u: u.endswith(("-u001", "-u002")) and u < "te0005"   # noqa: E731
     for name in ("utt2spk", "feats.scp", "utt2num_frames"):
         (dst / name).write_text("".join(line for line in open(src / name) if keep(line.split()[0])))
     trials = [line for line in open(src / "trials") if keep(line.split()[0]) and keep(line.split()[1])]
     (dst / "trials").write_text("".join(trials))
     (dst / "trials_x").write_text("".join(f"{t} {e} {lab}" for e, t, lab in (line.split(" ", 2) for line in
                                                                             trials[::2])))
-    assert len(trials) == 8
+    assert len(trials) == 10
     return root
 
 
-def copy_exp(tiny_recipe, tmp_path, name, dest="exp", **eval_keys):
+def copy_exp(trained_recipe, tmp_path, name, dest="exp", **eval_keys):
     """A copy of the fixture's exp dir (models and config only) to score into, eval keys set in its config."""
-    src, dst = tiny_recipe / "exp" / name, tmp_path / dest / name
+    src, dst = trained_recipe / "exp" / name, tmp_path / dest / name
     shutil.copytree(src / "models", dst / "models")
     cfg = yaml.safe_load((src / "config.yaml").read_text())
     cfg["eval"].update(eval_keys)
@@ -158,27 +158,27 @@ def score_sh(root, exp, *opts, overrides=()):
 
 
 def run_sh(root, exp_root, *opts):
-    return subprocess.run(recipe_cmd(root, "--exp", str(exp_root), "--config", str(exp_root / "tiny_cap.yaml"),
+    return subprocess.run(recipe_cmd(root, "--exp", str(exp_root), "--config", str(exp_root / "small_cap.yaml"),
                                      "--stage", "3", "--stop-stage", "3", *opts),
                           cwd=ROOT, capture_output=True, text=True)
 
 
-def test_cap_through_score_sh_and_run_sh_equals_independent_asnorm(tiny_recipe, tmp_path):
-    """steps/score.sh --cohort-data (cohort of 4 of the 8 training speakers, K=3) against the oracle, per list and
+def test_cap_through_score_sh_and_run_sh_equals_independent_asnorm(trained_recipe, tmp_path):
+    """steps/score.sh --cohort-data (cohort of 4 of the 40 training speakers, K=3) against the oracle, per list and
     in trial order; run.sh --asnorm true --nj 2 gives the same files; a plain re-run removes the stale AS-norm;
     K=50 with a cohort of 3 is clamped to 3 (S-norm) with a warning."""
-    root = small_root(tiny_recipe, tmp_path)
+    root = small_root(trained_recipe, tmp_path)
     train = root / "data/synth_train"
     utt2spk = dict(line.split() for line in open(train / "utt2spk"))
     speakers = sorted(set(utt2spk.values()))
-    assert len(speakers) == 8 and len(select_cohort(utt2spk, 6000)) == 8        # more asked than there are: all
-    cohort = [min(u for u in utt2spk if utt2spk[u] == speakers[i]) for i in (0, 2, 4, 6)]
+    assert len(speakers) == 40 and len(select_cohort(utt2spk, 6000)) == 40      # more asked than there are: all
+    cohort = [min(u for u in utt2spk if utt2spk[u] == speakers[i]) for i in (0, 10, 20, 30)]
     assert select_cohort(utt2spk, 4) == cohort
 
-    a = copy_exp(tiny_recipe, tmp_path, "tiny_cap", "exp_a")
+    a = copy_exp(trained_recipe, tmp_path, "small_cap", "exp_a")
     r = score_sh(root, a, "--nj", "1", "--cohort-data", str(train),
                  overrides=["eval.cohort_size=4", "eval.asnorm_top_k=3"])
-    assert "8 utterances x 4 = 32 cohort scores for 12 trials" in r.stdout    # once per utterance, not per trial
+    assert "8 utterances x 4 = 32 cohort scores for 15 trials" in r.stdout    # once per utterance, not per trial
     want = oracle(root, a, cohort, 3)
     for name, out in (("trials", "synth_test"), ("trials_x", "synth_test_x")):
         trials, expect = want[name]
@@ -192,11 +192,11 @@ def test_cap_through_score_sh_and_run_sh_equals_independent_asnorm(tiny_recipe, 
         info = json.load(open(a / f"scores/{out}.asnorm.score.json"))
         assert {k: info[k] for k in raw_info} == raw_info
         assert info["cohort"] == {"data": str(train), "utt2spk_sha256": sha256(str(train / "utt2spk")),
-                                  "speakers": 8, "size": 4, "top_k": 3}
+                                  "speakers": 40, "size": 4, "top_k": 3}
 
     # run.sh --asnorm true --nj 2 (the same keys, from the exp's config) writes the same files as --nj 1
-    b = copy_exp(tiny_recipe, tmp_path, "tiny_cap", "exp_b", cohort_size=4, asnorm_top_k=3)
-    shutil.copy(b / "config.yaml", tmp_path / "exp_b/tiny_cap.yaml")
+    b = copy_exp(trained_recipe, tmp_path, "small_cap", "exp_b", cohort_size=4, asnorm_top_k=3)
+    shutil.copy(b / "config.yaml", tmp_path / "exp_b/small_cap.yaml")
     r = run_sh(root, tmp_path / "exp_b", "--asnorm", "true", "--nj", "2")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     for f in ("synth_test.asnorm.score", "synth_test_x.asnorm.score", "synth_test.score"):
@@ -218,16 +218,16 @@ def test_cap_through_score_sh_and_run_sh_equals_independent_asnorm(tiny_recipe, 
     assert r.stdout.count("WARNING: eval.asnorm_top_k=50 is more than the cohort's 3 utterances; using all 3 "
                           "(S-norm)") == 1
     cohort3 = select_cohort(utt2spk, 3)
-    assert cohort3 == [min(u for u in utt2spk if utt2spk[u] == speakers[i]) for i in (0, 2, 5)]
+    assert cohort3 == [min(u for u in utt2spk if utt2spk[u] == speakers[i]) for i in (0, 13, 26)]
     trials, expect = oracle(root, a, cohort3, 3)["trials"]
     np.testing.assert_allclose(read_score_file(a / "scores/synth_test.asnorm.score")[1], expect, rtol=0, atol=1e-6)
     assert json.load(open(a / "scores/synth_test.asnorm.score.json"))["cohort"]["top_k"] == 3
 
 
-def test_bad_cohort_dir_is_one_line(tiny_recipe, tmp_path):
-    d = copy_exp(tiny_recipe, tmp_path, "tiny_cap")
+def test_bad_cohort_dir_is_one_line(trained_recipe, tmp_path):
+    d = copy_exp(trained_recipe, tmp_path, "small_cap")
     r = subprocess.run(["bash", "steps/score.sh", "--cohort-data", str(tmp_path / "nowhere"), str(d),
-                        str(tiny_recipe / "data/synth_test")], cwd=ROOT, capture_output=True, text=True)
+                        str(trained_recipe / "data/synth_test")], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 1 and r.stderr.strip().splitlines() == [
         f"steps/score.sh: ERROR: --cohort-data {tmp_path}/nowhere has no feats.scp; give the training data dir "
         f"after stage 1"]

@@ -108,7 +108,7 @@ def live_copy(root, name, tmp, **eval_cfg):
     scored by stage 3 (capsv.bin.score) into its scores/synth_test.score.
 
     Two epochs on the tiny corpus leave the head's running statistics far from what evaluation crops give:
-    for tiny_sap every BN output is negative, so every embedding is 0 after the ReLU and every stage-3 score
+    for small_sap every BN output is negative, so every embedding is 0 after the ReLU and every stage-3 score
     is 0.000000, which an export of anything would match. The copy has the same trunk and pooling and
     scores that vary from trial to trial. `eval_cfg` changes its eval.* settings (stage 3's and the export's).
     """
@@ -135,19 +135,19 @@ def live_copy(root, name, tmp, **eval_cfg):
 
 
 @pytest.fixture(scope="module")
-def cap_export(tiny_recipe, tmp_path_factory):
-    """(live copy of exp/tiny_cap, its export with --onnx).
+def cap_export(trained_recipe, tmp_path_factory):
+    """(live copy of exp/small_cap, its export with --onnx).
 
     The test utterances have 226-291 frames: 350-frame crops repeat each one from its start, so this copy
     scores 5 crops of 150 frames at distinct offsets, not the export's example size either.
     """
     tmp = tmp_path_factory.mktemp("cap_export")
-    exp = live_copy(tiny_recipe, "tiny_cap", tmp, num_crops=5, crop_frames=150)
+    exp = live_copy(trained_recipe, "small_cap", tmp, num_crops=5, crop_frames=150)
     run_export(exp, tmp / "export", "--onnx")
     return exp, tmp / "export"
 
 
-def test_cap_export_scores_equal_stage3_torchscript_and_onnx(tiny_recipe, cap_export, tmp_path):
+def test_cap_export_scores_equal_stage3_torchscript_and_onnx(trained_recipe, cap_export, tmp_path):
     exp, out = cap_export
     rec = json.loads((out / "export.json").read_text())
     assert rec["pooling"] == "cap" and rec["eval"] == {"num_crops": 5, "crop_frames": 150}
@@ -155,29 +155,29 @@ def test_cap_export_scores_equal_stage3_torchscript_and_onnx(tiny_recipe, cap_ex
     assert rec["sha256"] == {f: sha256(out / f) for f in ("trunk.pt", "trunk.onnx", "score.pt", "score.onnx")}
     want = stage3_scores(exp)
     for fmt in ("torchscript", "onnx"):
-        assert_same_as_stage3(standalone_scores(tmp_path, fmt, out, tiny_recipe / "data/synth_test"), want)
+        assert_same_as_stage3(standalone_scores(tmp_path, fmt, out, trained_recipe / "data/synth_test"), want)
 
 
-def test_sap_export_embed_and_score_equal_stage3(tiny_recipe, tmp_path):
-    exp = live_copy(tiny_recipe, "tiny_sap", tmp_path)
+def test_sap_export_embed_and_score_equal_stage3(trained_recipe, tmp_path):
+    exp = live_copy(trained_recipe, "small_sap", tmp_path)
     out = tmp_path / "sap_export"
     out.mkdir()
     (out / "score.onnx").write_text("an earlier export's file")     # not part of this export: removed
     run_export(exp, out)
     assert sorted(p.name for p in out.iterdir()) == ["embed.pt", "export.json", "score.pt", "trunk.pt"]
     assert json.loads((out / "export.json").read_text())["eval"] == {"num_crops": 10, "crop_frames": 350}
-    got = standalone_scores(tmp_path, "torchscript", out, tiny_recipe / "data/synth_test")
+    got = standalone_scores(tmp_path, "torchscript", out, trained_recipe / "data/synth_test")
     assert_same_as_stage3(got, stage3_scores(exp))
 
 
-def test_other_crop_counts_and_lengths_match_the_model(tiny_recipe, cap_export):
+def test_other_crop_counts_and_lengths_match_the_model(trained_recipe, cap_export):
     """The files were exported at one size; unequal crop counts and lengths give the model's values."""
     exp, out = cap_export
     net, _, _ = load_net(str(exp))
     trunk, score = torch.jit.load(str(out / "trunk.pt")), torch.jit.load(str(out / "score.pt"))
     import onnxruntime
     onnx_score = onnxruntime.InferenceSession(str(out / "score.onnx"), providers=["CPUExecutionProvider"])
-    _, nframes, scp = read_data_dir(str(tiny_recipe / "data/synth_test"))
+    _, nframes, scp = read_data_dir(str(trained_recipe / "data/synth_test"))
     reader, (u, v) = ArkReader(scp), sorted(nframes)[:2]
     xa = torch.from_numpy(utterance_crops(reader, u, nframes[u], 137, 3))
     xb = torch.from_numpy(utterance_crops(reader, v, nframes[v], 222, 7))
@@ -194,10 +194,10 @@ def test_other_crop_counts_and_lengths_match_the_model(tiny_recipe, cap_export):
     assert abs(float(o[0]) - float(cos)) < 1e-5 and np.abs(o[1] - ea.numpy()).max() < 1e-5 * float(big)
 
 
-def test_standalone_crops_are_stage3_crops(tiny_recipe):
+def test_standalone_crops_are_stage3_crops(trained_recipe):
     ns = {"__name__": "not_main"}
     exec(STANDALONE, ns)
-    _, nframes, scp = read_data_dir(str(tiny_recipe / "data/synth_test"))
+    _, nframes, scp = read_data_dir(str(trained_recipe / "data/synth_test"))
     reader = ArkReader(scp)
     u = sorted(nframes)[0]
     feats = reader.read(u, 0, nframes[u])
@@ -205,10 +205,10 @@ def test_standalone_crops_are_stage3_crops(tiny_recipe):
         assert np.array_equal(ns["crops"](feats, 4, length), utterance_crops(reader, u, nframes[u], length, 4))
 
 
-def test_no_checkpoint_is_one_line(tiny_recipe, tmp_path):
+def test_no_checkpoint_is_one_line(trained_recipe, tmp_path):
     exp = tmp_path / "exp/untrained"
     (exp / "models").mkdir(parents=True)
-    (exp / "config.yaml").write_text((tiny_recipe / "exp/tiny_cap/config.yaml").read_text())
+    (exp / "config.yaml").write_text((trained_recipe / "exp/small_cap/config.yaml").read_text())
     for bad, why in ((exp, "no readable checkpoint"), (tmp_path / "exp/none", "no such directory")):
         r = subprocess.run(export_cmd(bad, tmp_path / "out"), cwd=ROOT, capture_output=True, text=True)
         lines = r.stderr.strip().splitlines()

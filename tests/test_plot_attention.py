@@ -130,14 +130,14 @@ def stage3_score(exp, e, t):
     raise AssertionError(f"{e} {t} not scored")
 
 
-def test_weights_of_the_trained_cap_equal_the_literal_form_and_its_score_stage_3s(tiny_recipe):
-    root = Path(tiny_recipe)
-    net, cfg, _ = load_exp(str(root / "exp/tiny_cap"), "cap", "--exp")
+def test_weights_of_the_trained_cap_equal_the_literal_form_and_its_score_stage_3s(trained_recipe):
+    root = Path(trained_recipe)
+    net, cfg, _ = load_exp(str(root / "exp/small_cap"), "cap", "--exp")
     _, nframes, scp = read_data_dir(str(root / "data/synth_test"))
     reader = ArkReader(scp)
     e, t = first_trial(root)
     view = model_view(net, cfg, reader, nframes, e, t, torch.device("cpu"))
-    assert abs(view["score"] - stage3_score(root / "exp/tiny_cap", e, t)) < 2e-6
+    assert abs(view["score"] - stage3_score(root / "exp/small_cap", e, t)) < 2e-6
 
     net = net.double()
     ecfg = cfg["eval"]
@@ -167,17 +167,17 @@ def check_png(path):
     assert len(np.unique(img.reshape(-1, img.shape[-1]), axis=0)) > 100      # an fbank image, not a blank page
 
 
-def test_entry_point_writes_the_picture(tiny_recipe, tmp_path):
-    root = Path(tiny_recipe)
+def test_entry_point_writes_the_picture(trained_recipe, tmp_path):
+    root = Path(trained_recipe)
     e, t = first_trial(root)
     out = tmp_path / "pic.png"
-    r = run_cli("--exp", root / "exp/tiny_cap", "--sap-exp", root / "exp/tiny_sap", "--trial", f"{e} {t}",
+    r = run_cli("--exp", root / "exp/small_cap", "--sap-exp", root / "exp/small_sap", "--trial", f"{e} {t}",
                 "--out", out)         # --data from the exp's score records
     assert r.returncode == 0, r.stderr
     check_png(out)
     # the default name, beside a copy of the exp, one crop pair on a log axis
-    exp = tmp_path / "tiny_cap"
-    shutil.copytree(root / "exp/tiny_cap", exp)
+    exp = tmp_path / "small_cap"
+    shutil.copytree(root / "exp/small_cap", exp)
     r = run_cli("--exp", exp, "--trial", f"{e} {t} target", "--data", root / "data/synth_test",
                 "--crop-pair", 2, 10, "--yscale", "log")
     assert r.returncode == 0, r.stderr
@@ -185,10 +185,10 @@ def test_entry_point_writes_the_picture(tiny_recipe, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["unknown_utt", "sap_as_exp", "cap_as_sap", "crop_out_of_range", "no_scores"])
-def test_entry_point_errors_are_one_line(tiny_recipe, tmp_path, case):
-    root = Path(tiny_recipe)
+def test_entry_point_errors_are_one_line(trained_recipe, tmp_path, case):
+    root = Path(trained_recipe)
     e, t = first_trial(root)
-    cap, sap = root / "exp/tiny_cap", root / "exp/tiny_sap"
+    cap, sap = root / "exp/small_cap", root / "exp/small_sap"
     args = {"unknown_utt": ["--exp", cap, "--trial", f"{e} nobody-u999"],
             "sap_as_exp": ["--exp", sap, "--trial", f"{e} {t}"],
             "cap_as_sap": ["--exp", cap, "--sap-exp", cap, "--trial", f"{e} {t}"],

@@ -59,7 +59,7 @@ def check_page(exp):
     assert f"SHA-256 `{sha(exp / 'config.yaml')}`" in page
     ckpt = Path(cal["checkpoint"])
     shown = os.path.relpath(ckpt, exp) if ckpt.resolve().is_relative_to(exp.resolve()) else str(ckpt)
-    assert ckpt.is_file() and f"`{shown}`, epoch {cal['epoch']}" in page and cal["epoch"] == 2
+    assert ckpt.is_file() and f"`{shown}`, epoch {cal['epoch']}" in page and cal["epoch"] == 10
     assert f"python {platform.python_version()}, torch {torch.__version__}, torchaudio {torchaudio.__version__}" in page
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", page)
     assert sorted(links) == ["det.png", "score_hist.png"]
@@ -78,9 +78,9 @@ def check_page(exp):
     return page, rows, decisions
 
 
-def test_results_page_of_the_recipe(tiny_recipe):
-    for system in ("tiny_cap", "tiny_sap"):
-        exp = tiny_recipe / "exp" / system
+def test_results_page_of_the_recipe(trained_recipe):
+    for system in ("small_cap", "small_sap"):
+        exp = trained_recipe / "exp" / system
         page, rows, decisions = check_page(exp)
         assert [r[0] for r in rows] == ["synth_test"] and [d[0] for d in decisions] == ["synth_test"]
         assert f"# Results: {system}" in page and f"({system[-3:].upper()} pooling)" in page
@@ -90,9 +90,9 @@ def test_results_page_of_the_recipe(tiny_recipe):
 
 def run_sh(root, tmp, *args):
     """run.sh's stage 4 on copies under tmp of the fixture's test data dir and CAP exp dir."""
-    return subprocess.run(["bash", "run.sh", "--synth-size", "tiny", "--data", f"{tmp}/data", "--exp", f"{tmp}/exp",
+    return subprocess.run(["bash", "run.sh", "--synth-size", "small", "--data", f"{tmp}/data", "--exp", f"{tmp}/exp",
                            "--fbankdir", f"{root}/fbank", "--corpusdir", f"{root}/corpus",
-                           "--config", f"{root}/tiny_cap.yaml", "--stage", "4", *args],
+                           "--config", f"{root}/small_cap.yaml", "--stage", "4", *args],
                           cwd=ROOT, capture_output=True, text=True)
 
 
@@ -102,11 +102,11 @@ def compute_metrics(*args):
                           capture_output=True, text=True, env=env, cwd=ROOT)
 
 
-def test_asnorm_scores_are_reported_beside_the_raw_ones(tiny_recipe, tmp_path):
-    shutil.copytree(tiny_recipe / "data/synth_test", tmp_path / "data/synth_test")
-    exp = tmp_path / "exp/tiny_cap"
-    shutil.copytree(tiny_recipe / "exp/tiny_cap", exp, ignore=shutil.ignore_patterns("models"))
-    os.symlink(tiny_recipe / "exp/tiny_cap/models", exp / "models")
+def test_asnorm_scores_are_reported_beside_the_raw_ones(trained_recipe, tmp_path):
+    shutil.copytree(trained_recipe / "data/synth_test", tmp_path / "data/synth_test")
+    exp = tmp_path / "exp/small_cap"
+    shutil.copytree(trained_recipe / "exp/small_cap", exp, ignore=shutil.ignore_patterns("models"))
+    os.symlink(trained_recipe / "exp/small_cap/models", exp / "models")
     raw_cal = json.loads((exp / "calibration.json").read_text())
     for f in ("results.txt", "RESULTS.md", "calibration.json", "det.png", "score_hist.png"):
         (exp / f).unlink()
@@ -119,7 +119,7 @@ def test_asnorm_scores_are_reported_beside_the_raw_ones(tiny_recipe, tmp_path):
     shutil.copy(exp / "scores/synth_test.score.json", exp / "scores/synth_test.asnorm.score.json")
     norm = read_scores(exp / "scores/synth_test.asnorm.score", trials)   # as written: 6 decimals
 
-    r = run_sh(tiny_recipe, tmp_path)
+    r = run_sh(trained_recipe, tmp_path)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     rows = results_rows(exp)
     assert [r[0] for r in rows] == ["synth_test", "synth_test.asnorm"]
@@ -138,21 +138,21 @@ def test_asnorm_scores_are_reported_beside_the_raw_ones(tiny_recipe, tmp_path):
                         "--calibrate", "synth_test.asnorm")
     assert r.returncode == 1 and r.stderr.count("\n") == 1 and "calibrate on synth_test" in r.stderr
     assert not (tmp_path / "r.txt").exists()
-    r = run_sh(tiny_recipe, tmp_path, "--calibration-list", "trials_dev")
+    r = run_sh(trained_recipe, tmp_path, "--calibration-list", "trials_dev")
     assert r.returncode == 1 and r.stderr.strip().splitlines() == [
         f"run.sh: ERROR: --calibration-list trials_dev: no such trial list in {tmp_path}/data/synth_test; "
         f"name one of its trials, trials_<x> (stage 0 makes them)"]
 
 
-def test_fbank_options_changed_since_stage1_are_refused(tiny_recipe, tmp_path):
-    exp = tmp_path / "tiny_cap"
-    shutil.copytree(tiny_recipe / "exp/tiny_cap", exp, ignore=shutil.ignore_patterns("models"))
+def test_fbank_options_changed_since_stage1_are_refused(trained_recipe, tmp_path):
+    exp = tmp_path / "small_cap"
+    shutil.copytree(trained_recipe / "exp/small_cap", exp, ignore=shutil.ignore_patterns("models"))
     before = {f: (exp / f).read_bytes() for f in ("results.txt", "calibration.json", "RESULTS.md")}
     conf = tmp_path / "fbank.conf"
     conf.write_text((ROOT / "conf/fbank.conf").read_text().replace("--frame-shift=10", "--frame-shift=12"))
-    data = tiny_recipe / "data/synth_test"
+    data = trained_recipe / "data/synth_test"
     args = ["--trials", data / "trials", "--scores", exp / "scores/synth_test.score", "--results",
-            exp / "results.txt", "--exp", exp, "--data", data, "--name", "tiny_cap"]
+            exp / "results.txt", "--exp", exp, "--data", data, "--name", "small_cap"]
     r = compute_metrics(*args, "--fbank-config", conf)
     assert r.returncode == 1 and r.stderr.count("\n") == 1
     assert f"{conf} does not give the features stage 1 made for {data}" in r.stderr

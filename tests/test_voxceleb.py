@@ -10,6 +10,7 @@ import subprocess
 import numpy as np
 import pytest
 import soundfile as sf
+import yaml
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VERI_TEST = os.path.join(os.path.dirname(ROOT), "shared", "data", "voxceleb1", "veri_test.txt")
@@ -71,12 +72,20 @@ def one_error_line(r):
     return lines[0]
 
 
-@needs_list
-@needs_ffmpeg
-def test_stage0_vox1_o_counts_and_vox2_m4a_through_stage1(vox1, vox2, tmp_path):
-    r = recipe(tmp_path, "--voxceleb1-root", vox1, "--voxceleb2-root", vox2, "--trial-lists", VERI_TEST,
+@pytest.fixture(scope="module")
+def vox_features(vox1, vox2, tmp_path_factory):
+    """Stages 0-1 of run.sh on the fake trees: data/vox1_test (Vox1-O) and data/vox2_dev with features."""
+    tmp = tmp_path_factory.mktemp("vox_recipe")
+    r = recipe(tmp, "--voxceleb1-root", vox1, "--voxceleb2-root", vox2, "--trial-lists", VERI_TEST,
                "--stage", "0", "--stop-stage", "1", "--nj", "2")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return tmp
+
+
+@needs_list
+@needs_ffmpeg
+def test_stage0_vox1_o_counts_and_vox2_m4a_through_stage1(vox1, vox_features):
+    tmp_path = vox_features
     test = tmp_path / "data" / "vox1_test"
     trials = (test / "trials").read_text().splitlines()
     assert len(trials) == 37720 and sum(t.endswith(" target") for t in trials) == 18860
@@ -99,6 +108,29 @@ def test_stage0_vox1_o_counts_and_vox2_m4a_through_stage1(vox1, vox2, tmp_path):
     import kaldiio
     feats = kaldiio.load_mat((train / "feats.scp").read_text().split()[1])
     assert feats.shape[1] == 40 and np.isfinite(feats).all() and feats.std() > 0.1
+
+
+@needs_list
+@needs_ffmpeg
+def test_vox1_o_scored_in_two_jobs_equals_one_job(vox_features, tmp_path):
+    """Stage 3 at Vox1-O's size (37,720 trials over 4,715 utterances): --nj 2 writes the same score file as
+    --nj 1. The model is trained one epoch on the fake vox2_dev; one short crop per utterance keeps it fast."""
+    cfg = yaml.safe_load(open(os.path.join(ROOT, "conf/mini/cap.yaml")))
+    cfg["train"].update(epochs=1, speakers_per_batch=3, num_workers=0)
+    (tmp_path / "vox_cap.yaml").write_text(yaml.safe_dump(cfg))
+    exp = tmp_path / "exp/vox_cap"
+    data = vox_features / "data"
+    r = run("steps/train.sh", "--config", tmp_path / "vox_cap.yaml", data / "vox2_dev", exp)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    scores = {}
+    for nj in (1, 2):
+        r = run("steps/score.sh", "--nj", nj, exp, data / "vox1_test", "eval.num_crops=2", "eval.crop_frames=40")
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        scores[nj] = (exp / "scores/vox1_test.score").read_bytes()
+    lines = scores[1].decode().splitlines()
+    assert scores[2] == scores[1] and len(lines) == 37720
+    assert [l.split()[:2] for l in lines] == [t.split()[:2] for t in (data / "vox1_test/trials").read_text().splitlines()]
+    assert len({l.split()[2] for l in lines}) > 1000      # real, distinct scores
 
 
 @needs_list
