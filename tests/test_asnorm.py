@@ -1,6 +1,6 @@
 """AS-norm (capsv.asnorm, stage 3's --cohort-data): the formula against a numpy oracle; the cohort scores of a
 spilled cache and of two caches against one cache's; the entry points (steps/score.sh, run.sh --asnorm) on
-copies of the tiny fixture's experiments, against AS-norm recomputed independently from raw and cohort scores
+copies of the trained fixture's experiments, against AS-norm recomputed independently from raw and cohort scores
 scored through capsv.scoring on explicit pairs; --nj 2 equal to --nj 1; K clamped to a small cohort."""
 import json
 import shutil

@@ -107,10 +107,9 @@ def live_copy(root, name, tmp, **eval_cfg):
     """A copy of exp/<name> whose head BatchNorm has the statistics of the test crops' pooled vectors,
     scored by stage 3 (capsv.bin.score) into its scores/synth_test.score.
 
-    Two epochs on the tiny corpus leave the head's running statistics far from what evaluation crops give:
-    for small_sap every BN output is negative, so every embedding is 0 after the ReLU and every stage-3 score
-    is 0.000000, which an export of anything would match. The copy has the same trunk and pooling and
-    scores that vary from trial to trial. `eval_cfg` changes its eval.* settings (stage 3's and the export's).
+    A short training can leave the head's running statistics far from what evaluation crops give (after two
+    tiny epochs every SAP embedding was 0 after the ReLU, so every score 0.000000, which an export of anything
+    would match); re-estimating them keeps the comparison meaningful whatever the fixture's training. `eval_cfg` changes its eval.* settings (stage 3's and the export's).
     """
     net, state, _ = load_net(str(root / f"exp/{name}"))
     data = root / "data/synth_test"

@@ -1,5 +1,5 @@
 """The attention picture: CAP's weights against the literal eq. 9-12, SAP's against its logits, the alignment of
-trunk frames to utterance frames, and capsv.bin.plot_attention on the tiny trained CAP and SAP runs."""
+trunk frames to utterance frames, and capsv.bin.plot_attention on the trained CAP and SAP runs of tests/conftest.py."""
 import os
 import shutil
 import subprocess

@@ -52,7 +52,7 @@ def live_sap(trained_recipe, tmp_path_factory):
 
     After 2 epochs the SAP head's BatchNorm running mean lies above every test crop's pooled vector, so the
     ReLU is dead and stage 3 scores every trial 0, which any scorer would match. Zeroing that mean revives it.
-    Its crops are 200 frames: the tiny corpus's test utterances (226-270 frames) are shorter than the usual
+    Its crops are 200 frames: the small corpus's test utterances (2.2-3 s) are shorter than the usual
     350, so only crops shorter than them start at 10 different offsets, as on real data.
     """
     root = tmp_path_factory.mktemp("live_sap")
