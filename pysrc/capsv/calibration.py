@@ -26,6 +26,7 @@ import sys
 import numpy as np
 
 from capsv.metrics import eer_from_rates, min_dcf_from_rates, rates_at_threshold
+from capsv.trials import open_input
 from capsv.utils import UserError, atomic_open, sha256
 
 FILE = "calibration.json"
@@ -212,12 +213,8 @@ def score_files(net, reader, trials, ecfg, device, trial_batch):
 
 def read_pairs(path):
     """`<a> <b>` lines of audio paths (relative to the current directory), in order."""
-    try:
-        f = open(path)
-    except OSError as e:
-        raise UserError(f"--pairs {path}: cannot read it ({e.strerror}); give a file of `<a> <b>` lines") from None
     pairs = []
-    with f:
+    with open_input(path, "--pairs file", "give a file of `<a> <b>` lines of audio paths") as f:
         for n, line in enumerate(f, 1):
             toks = line.split()
             if not toks:

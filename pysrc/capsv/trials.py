@@ -14,7 +14,8 @@ from capsv.utils import UserError, atomic_open
 _LABELS = {"target": True, "nontarget": False}
 
 
-def _open_input(path, what, fix):
+def open_input(path, what, fix):
+    """`path` opened for reading, or one UserError line naming it, what it is and the fix."""
     try:
         return open(path)
     except FileNotFoundError:
@@ -31,7 +32,7 @@ def read_trials(path, known_utts=None):
     """
     trials = []
     first_line = {}
-    with _open_input(path, "trials file", "run stage 0 (data preparation) first") as f:
+    with open_input(path, "trials file", "run stage 0 (data preparation) first") as f:
         for n, line in enumerate(f, 1):
             toks = line.split()
             if not toks:
@@ -71,7 +72,7 @@ def voxceleb_utt_id(relpath):
 def read_voxceleb_list(src):
     """A VoxCeleb list (`1|0 <path> <path>`) as [(is_target, (enroll_path, test_path))], in file order."""
     rows = []
-    with _open_input(src, "VoxCeleb trial list", "give the path of veri_test.txt") as f:
+    with open_input(src, "VoxCeleb trial list", "give the path of veri_test.txt") as f:
         for n, line in enumerate(f, 1):
             toks = line.split()
             if not toks:
@@ -119,7 +120,7 @@ def read_scores(path, trials, trials_path="the trials"):
     fix = "re-run stage 3 (scoring) for these trials"
     out = np.empty(len(trials), dtype=np.float64)
     i = 0
-    with _open_input(path, "score file", fix) as f:
+    with open_input(path, "score file", fix) as f:
         for n, line in enumerate(f, 1):
             toks = line.split()
             if not toks:
