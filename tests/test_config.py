@@ -82,15 +82,27 @@ BAD_VALUES = [
     ("train.speakers_per_batch=1", "'train.speakers_per_batch' must be an integer >= 2, got 1"),
     ("train.utts_per_speaker=1", "'train.utts_per_speaker' must be an integer >= 2, got 1"),
     ("seed=-1", "'seed' must be an integer in [0, 4294967295], got -1"),
-    ("train.amp=3", "'train.amp' must be true or false, got 3"),
-    ("train.tf32=yes please", "'train.tf32' must be true or false, got 'yes please'"),
-    ("train.channels_last=1", "'train.channels_last' must be true or false, got 1"),
-    ("train.compile=auto", "'train.compile' must be true or false, got 'auto'"),
+    ("train.amp=3", "'train.amp' must be one of auto, bf16, fp16, off, got 3"),
+    ("train.amp=fp8", "'train.amp' must be one of auto, bf16, fp16, off, got 'fp8'"),
+    ("eval.precision=half", "'eval.precision' must be one of auto, bf16, fp16, off, got 'half'"),
+    ("train.tf32=yes please", "'train.tf32' must be true, false or auto, got 'yes please'"),
+    ("train.channels_last=1", "'train.channels_last' must be true, false or auto, got 1"),
+    ("train.compile=sometimes", "'train.compile' must be true, false or auto, got 'sometimes'"),
     ("train.sync_bn=0", "'train.sync_bn' must be true or false, got 0"),
     ("train.dist_timeout_s=0", "'train.dist_timeout_s' must be an integer >= 1, got 0"),
     ("train.prefetch_factor=0", "'train.prefetch_factor' must be an integer >= 1, got 0"),
     ("model.channels=[16, 32", "override 'model.channels=[16, 32': '[16, 32' is not a valid YAML value"),
 ]
+
+
+def test_precision_keys_read_older_booleans_and_yaml_off():
+    """Configs of earlier versions wrote amp: true/false; YAML reads `off` as false."""
+    assert load_config(None, ["train.amp=true"])["train"]["amp"] == "auto"
+    assert load_config(None, ["train.amp=false"])["train"]["amp"] == "off"
+    assert load_config(None, ["train.amp=off", "eval.precision=off"])["eval"]["precision"] == "off"
+    c = load_config(None, ["train.amp=fp16", "eval.precision=bf16", "train.channels_last=true", "train.compile=auto"])
+    assert (c["train"]["amp"], c["eval"]["precision"], c["train"]["channels_last"], c["train"]["compile"]) == \
+        ("fp16", "bf16", True, "auto")
 
 
 @pytest.mark.parametrize("override,message", BAD_VALUES)

@@ -186,7 +186,7 @@ def test_resume_loads_on_cpu_whatever_the_device(tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_resume_on_gpu_is_identical(tmp_path):
     make_data_dir(tmp_path / "data")
-    gpu = ["device=cuda", "train.amp=false"]
+    gpu = ["device=cuda", "train.amp=off"]
     assert run_train(tmp_path / "data", tmp_path / "a", "train.epochs=2", *gpu).returncode == 0
     assert run_train(tmp_path / "data", tmp_path / "b", "train.epochs=1", *gpu).returncode == 0
     r = run_train(tmp_path / "data", tmp_path / "b", "train.epochs=2", *gpu)

@@ -11,6 +11,9 @@ import yaml
 
 from capsv.utils import UserError
 
+# Precisions of train.amp and eval.precision (what each means: capsv.device).
+PRECISIONS = ("auto", "bf16", "fp16", "off")
+
 # The paper's VoxCeleb settings (DESIGN §2); conf/*.yaml spell them out, conf/mini/*.yaml
 # change only SCALE_KEYS.
 DEFAULTS = {
@@ -34,13 +37,16 @@ DEFAULTS = {
         "lr_decay": 0.95,
         "lr_decay_every": 10,        # epochs
         "softmax_weight": 1.0,       # NP + softmax, equal weights
-        "amp": True,                 # mixed precision on GPU (ignored on CPU)
-        # GPU throughput switches, CUDA only (ignored on CPU, said once in the log). Defaults are
-        # reasoned, not measured (local/gpu_check.sh measures each): TF32 for the fp32 matmuls and
-        # convolutions left outside autocast; channels_last because NHWC is cuDNN's native layout
-        # for bf16 tensor-core convolutions; compile off until it is shown to pay for its start-up.
-        "tf32": True,                # TF32 matmuls and cuDNN convolutions
-        "channels_last": True,       # NHWC memory format for the trunk's 4-D weights and activations
+        # Precision and throughput switches (capsv.device): none changes the objective, so each may change
+        # when a run is resumed. amp: auto | bf16 | fp16 | off (auto: bf16 on GPUs of compute capability
+        # >= 8.0, fp16 + gradient scaler on older ones, fp32 on the CPU). The switches: auto (on on a GPU,
+        # off on the CPU) | true | false (on any device). Defaults are reasoned, not measured on a GPU
+        # (local/gpu_check.sh measures each): TF32 for the fp32 matmuls and convolutions left outside
+        # autocast; channels_last because NHWC is cuDNN's native layout for tensor-core convolutions;
+        # compile off until it is shown to pay for its start-up.
+        "amp": "auto",               # autocast of the trunk in training
+        "tf32": "auto",              # TF32 matmuls and cuDNN convolutions
+        "channels_last": "auto",     # NHWC memory format for the trunk's 4-D weights and activations
         "compile": False,            # torch.compile of the trunk
         "sync_bn": True,             # several GPUs: SyncBatchNorm, so BN sees the global batch as one GPU does
         "dist_timeout_s": 900,       # several ranks: a collective waiting longer ends the job (a rank hung)
@@ -52,6 +58,7 @@ DEFAULTS = {
         "num_crops": 10,
         "crop_frames": 350,
         "trial_batch": 128,          # trials scored together (CAP)
+        "precision": "auto",         # the trunk's autocast when scoring: auto | bf16 | fp16 | off, as train.amp
         # AS-norm (stage 3 with --cohort-data / run.sh --asnorm true): one utterance per training speaker, at most
         # cohort_size speakers (all 5,994 of VoxCeleb2 dev); top-K scores of each side
         "cohort_size": 6000,
@@ -66,7 +73,13 @@ SCALE_KEYS = {
     "eval.trial_batch", "eval.asnorm_top_k",
 }
 
-CHOICES = {"device": {"auto", "cpu", "cuda"}, "model.pooling": {"tap", "sap", "cap"}}
+CHOICES = {"device": {"auto", "cpu", "cuda"}, "model.pooling": {"tap", "sap", "cap"},
+           "train.amp": set(PRECISIONS), "eval.precision": set(PRECISIONS)}
+# Switches take true, false or auto (on on a GPU, off on the CPU; capsv.device.resolve_switch).
+SWITCHES = {"train.tf32", "train.channels_last", "train.compile"}
+# Precision keys written as booleans by older configs (and YAML reads `off` as false): true meant mixed
+# precision where the device has it, false none.
+_LEGACY_PRECISION = {True: "auto", False: "off"}
 
 # The allowed range of every numeric key (of each element, for lists), (low, low_open, high, high_open),
 # None for no bound: a bad value fails when the config is read, not an epoch into training.
@@ -100,8 +113,12 @@ RANGES = {
 
 def _describe(dotted, default):
     """What a key accepts, in words: 'an integer >= 1', 'a number in (0, 1]', ..."""
+    if dotted in SWITCHES:
+        return "true, false or auto"
     if isinstance(default, bool):
         return "true or false"
+    if dotted in CHOICES:
+        return f"one of {', '.join(sorted(CHOICES[dotted]))}"
     if isinstance(default, str):
         return f"like {default!r}"
     lo, lo_open, hi, hi_open = RANGES[dotted]
@@ -145,7 +162,11 @@ def _set(cfg, dotted, value, source):
     def is_int(x):
         return isinstance(x, int) and not isinstance(x, bool)
 
-    if isinstance(default, bool):
+    if dotted in CHOICES and CHOICES[dotted] == set(PRECISIONS) and isinstance(value, bool):
+        value = _LEGACY_PRECISION[value]
+    if dotted in SWITCHES:
+        ok = isinstance(value, bool) or value == "auto"
+    elif isinstance(default, bool):
         ok = isinstance(value, bool)
     elif isinstance(default, float):
         if isinstance(value, str):   # YAML 1.1 reads 1e-4 (no dot) as a string; it is meant as a number
@@ -166,7 +187,7 @@ def _set(cfg, dotted, value, source):
     if not ok:
         raise UserError(f"{source}: '{dotted}' must be {_describe(dotted, default)}, got {value!r}")
     if dotted in CHOICES and value not in CHOICES[dotted]:
-        raise UserError(f"{source}: '{dotted}' must be one of {sorted(CHOICES[dotted])}, got {value!r}")
+        raise UserError(f"{source}: '{dotted}' must be {_describe(dotted, default)}, got {value!r}")
     node = cfg
     *parents, leaf = dotted.split(".")
     for p in parents:

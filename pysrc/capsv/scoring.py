@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from capsv.data import crop
+from capsv.device import resolve_precision
 from capsv.models.pooling import cap_cross_logits, cap_unit_frames
 from capsv.utils import progress
 
@@ -50,17 +51,25 @@ def utterance_crops(reader, utt, num_frames, length, num_crops):
 def trunk_batches(net, reader, nframes, utts, ecfg, device, utts_per_batch=None):
     """Yield (utts, trunk outputs [n, num_crops, T', C] float32 on `device`), each utterance once.
 
-    On a GPU the trunk runs under bf16 autocast (as in training), 64 utterances (640 crops) a batch;
-    on a CPU 8. What follows is float32.
+    The trunk runs at the precision of eval.precision on `device` (capsv.device: by default bf16 or fp16
+    autocast on a GPU, fp32 on the CPU), 64 utterances (640 crops) a batch on a GPU, 8 on a CPU. What
+    follows is float32.
     """
     utts_per_batch = utts_per_batch or (64 if device.type == "cuda" else 8)
+    precision = scoring_precision(ecfg, device)
     for i in progress(range(0, len(utts), utts_per_batch), desc="trunk", leave=False):
         chunk = utts[i:i + utts_per_batch]
         feats = np.concatenate([utterance_crops(reader, u, nframes[u], ecfg["crop_frames"], ecfg["num_crops"])
                                 for u in chunk])
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with precision.autocast():
             frames = net.frames(torch.from_numpy(feats).to(device))
         yield chunk, frames.float().view(len(chunk), ecfg["num_crops"], *frames.shape[1:])
+
+
+def scoring_precision(ecfg, device):
+    """The capsv.device.Precision of the trunk when scoring with eval settings `ecfg` on `device` (settings
+    recorded before eval.precision existed mean auto)."""
+    return resolve_precision(ecfg.get("precision", "auto"), device)
 
 
 def utterance_cache(net, reader, nframes, utts, ecfg, device, utts_per_batch=None, mem_bytes=None, spill_dir=None):

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from capsv import scoring
-from capsv.bin.train import pick_device
+from capsv.device import pick_device, resolve_precision
 from capsv.config import load_config
 from capsv.data import ArkReader, EpisodeDataset, EpisodicBatches
 from capsv.features import compute_fbank, load_audio, read_fbank_conf
@@ -159,7 +159,7 @@ def bench_pooling(args, device):
 def bench_train_step(args, device):
     sizes = [(2, 2, 1.05), (3, 3, 1.15)] if args.quick else [(50, 2, 1.05), (200, 3, 1.15)]
     crop = 60 if args.quick else None
-    amp = device.type == "cuda"
+    precision = resolve_precision("auto", device)   # the training default, as capsv.bin.train resolves it
     out = []
     for n, m, limit in sizes:
         steps = {}
@@ -173,7 +173,7 @@ def bench_train_step(args, device):
             speakers = torch.arange(n, device=device)
 
             def step(net=net, loss_fn=loss_fn, opt=opt, feats=feats, speakers=speakers):
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):   # as capsv.bin.train
+                with precision.autocast():   # as capsv.bin.train
                     frames = net.frames(feats)
                 loss, _ = loss_fn(net, frames.float().view(n, m, *frames.shape[1:]), speakers)
                 opt.zero_grad(set_to_none=True)

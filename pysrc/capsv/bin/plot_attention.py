@@ -19,7 +19,7 @@ import os
 import torch
 
 from capsv.attention import default_data_dir, load_exp, model_view, plot, trial_label
-from capsv.bin.train import pick_device
+from capsv.device import pick_device
 from capsv.data import ArkReader, read_data_dir
 from capsv.utils import UserError, run_main
 

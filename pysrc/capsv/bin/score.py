@@ -28,11 +28,11 @@ import torch
 
 from capsv import checkpoint
 from capsv.asnorm import Cohort, asnorm_path, cohort_stats, normalise_trials
-from capsv.bin.train import pick_device
+from capsv.device import pick_device
 from capsv.config import load_config
 from capsv.data import ArkReader, read_data_dir
 from capsv.models.speaker_net import SpeakerNet
-from capsv.scoring import score_trials, utterance_cache
+from capsv.scoring import score_trials, scoring_precision, utterance_cache
 from capsv.trials import read_trials, write_scores
 from capsv.utils import UserError, atomic_open, run_main, sha256
 
@@ -65,7 +65,7 @@ def merge(pairs, njobs):
         n = infos[0]["n_trials"]
         expect = 0
         for j, info in enumerate(infos, 1):
-            same = ("trials_sha256", "epoch", "n_trials", "cohort")
+            same = ("trials_sha256", "epoch", "n_trials", "cohort", "precision")
             if [info.get(k) for k in same] != [infos[0].get(k) for k in same] or info["first"] != expect:
                 raise UserError(f"{out}.{j}: this part does not belong with {out}.1 (other trials, checkpoint, "
                                 f"cohort or split); re-run stage 3")
@@ -146,7 +146,8 @@ def main():
         info = {"epoch": state["epoch"], "checkpoint": checkpoint.checkpoint_path(
             os.path.join(args.exp, "models"), state["epoch"]), "trials": trials_path,
             "trials_sha256": sha256(trials_path), "n_trials": total, "first": first, "count": len(part),
-            "eval": cfg["eval"]}     # the crops that made these scores: verify's calibration reproduces them
+            "eval": cfg["eval"],     # the crops that made these scores: verify's calibration reproduces them
+            **scoring_precision(cfg["eval"], device).record()}
         write_scores(out_path, part, scores)
         write_info(out_path, info)
         raw.append((scores, info))

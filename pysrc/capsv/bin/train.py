@@ -21,6 +21,7 @@ from torch import nn
 from capsv import checkpoint, distributed
 from capsv.config import dump_config, flatten, load_config
 from capsv.data import ArkReader, EpisodeLoader, EpisodicBatches, read_data_dir
+from capsv.device import Precision, pick_device, resolve_precision, resolve_switch
 from capsv.distributed import SINGLE, RankError
 from capsv.losses import NPSoftmaxLoss
 from capsv.models.speaker_net import SpeakerNet
@@ -33,15 +34,6 @@ RESUMABLE_KEYS = {"train.epochs", "train.num_workers", "train.prefetch_factor", 
                   "eval.cohort_size", "eval.asnorm_top_k"}   # AS-norm: scoring only; older configs lack them
 DATA_WAIT_WARN = 0.10   # share of step time spent waiting for the loader above which the log warns
 log = logging.getLogger("capsv.train")
-
-
-def pick_device(name):
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("device=cuda was asked for but no GPU is visible (torch.cuda.is_available() is False); "
-                        "set device=auto or device=cpu")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
 
 
 def setup_logging(rank=0):
@@ -102,15 +94,17 @@ def worker_error_line(e):
 
 class TrainStep(nn.Module):
     """One training step's forward as one module, so DDP can wrap it: the trunk on this rank's
-    crops (bf16 autocast with `amp`), then the loss over the global batch (capsv.losses)."""
+    crops (autocast at `precision`, a capsv.device.Precision), then the loss over the global batch
+    (capsv.losses) in fp32."""
 
-    def __init__(self, net, loss_fn, part=SINGLE, amp=False):
+    def __init__(self, net, loss_fn, part=SINGLE, precision=Precision("fp32", "cpu", "off")):
         super().__init__()
-        self.net, self.loss_fn, self.part, self.amp = net, loss_fn, part, amp
+        self.net, self.loss_fn, self.part, self.precision = net, loss_fn, part, precision
+        self.scaler = precision.grad_scaler()   # loss scaling for fp16; disabled, a pass-through
 
     def forward(self, feats, speakers):
         nspk, m, t, f = feats.shape
-        with torch.autocast(feats.device.type, dtype=torch.bfloat16, enabled=self.amp):
+        with self.precision.autocast():
             frames = self.net.frames(feats.view(nspk * m, t, f))
         if frames.dtype in (torch.bfloat16, torch.float16):   # the head and loss run in full precision
             frames = frames.float()
@@ -121,6 +115,7 @@ def train_epoch(step, opt, loader, device, desc, part=SINGLE):
     """One epoch; the mean stats of its batches, and `data_wait`: the share of the epoch's step time
     spent blocked on the loader (across ranks, the largest: the slowest loader holds everyone up)."""
     step.train()
+    scaler = getattr(step, "module", step).scaler   # under DDP the TrainStep is step.module
     totals, n = {}, 0
     bar = progress(loader, desc=desc, leave=False) if part.rank == 0 else None   # other ranks stay quiet
     batches = iter(bar if bar is not None else loader)
@@ -141,8 +136,9 @@ def train_epoch(step, opt, loader, device, desc, part=SINGLE):
             raise UserError(f"{desc}, batch {n + 1}: the loss is {stats['loss']} on finite features, so training "
                             f"diverged; lower train.lr (re-running resumes from the last checkpoint)")
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        scaler.scale(loss).backward()   # fp16: the loss scaled so small gradients survive; else as is
+        scaler.step(opt)
+        scaler.update()
         for k, v in stats.items():
             totals[k] = totals.get(k, 0.0) + v
         n += 1
@@ -165,19 +161,18 @@ def report_epoch(epoch, stats, lr, nbatches, seconds, num_workers):
 
 
 def gpu_switches(tc, device, world):
-    """Apply the CUDA-only throughput switches; on the CPU say once which are ignored."""
-    asked = [k for k in ("amp", "tf32", "channels_last", "compile") if tc[k]]
-    if world > 1 and tc["sync_bn"]:
-        asked.append("sync_bn")
-    if device.type != "cuda":
-        if asked:
-            log.info(f"{', '.join('train.' + k for k in asked)}: CUDA only, ignored on {device.type}"
-                     + (" (BatchNorm statistics are per rank)" if "sync_bn" in asked else ""))
-        return {"amp": False, "channels_last": False, "compile": False, "sync_bn": False}
-    torch.backends.cuda.matmul.allow_tf32 = tc["tf32"]
-    torch.backends.cudnn.allow_tf32 = tc["tf32"]
-    return {"amp": tc["amp"], "channels_last": tc["channels_last"], "compile": tc["compile"],
-            "sync_bn": world > 1 and tc["sync_bn"]}
+    """The precision (capsv.device) and throughput switches this run uses on `device`, TF32 applied."""
+    use = {k: resolve_switch(tc[k], device) for k in ("tf32", "channels_last", "compile")}
+    use["precision"] = resolve_precision(tc["amp"], device)
+    use["sync_bn"] = world > 1 and tc["sync_bn"] and device.type == "cuda"
+    if world > 1 and tc["sync_bn"] and device.type != "cuda":
+        log.info(f"train.sync_bn: CUDA only, ignored on {device.type} (BatchNorm statistics are per rank)")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = use["tf32"]
+        torch.backends.cudnn.allow_tf32 = use["tf32"]
+    log.info(f"precision {use['precision']}; tf32 {use['tf32']}, channels_last {use['channels_last']}, "
+             f"compile {use['compile']}")
+    return use
 
 
 def build_training(cfg, n_speakers, device, part=SINGLE):
@@ -200,7 +195,7 @@ def build_training(cfg, n_speakers, device, part=SINGLE):
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=tc["lr_decay_every"], gamma=tc["lr_decay"])
     # DDP may wrap before a checkpoint is loaded: it holds the parameters themselves, which
     # load_state_dict fills in place, from the same file on every rank.
-    step = distributed.wrap(TrainStep(net, loss_fn, part, use["amp"]), device)
+    step = distributed.wrap(TrainStep(net, loss_fn, part, use["precision"]), device)
     return net, loss_fn, opt, sched, step
 
 
@@ -222,7 +217,8 @@ def main():
     setup_logging(rank)
     cfg = load_config(args.config, args.overrides)
     check_same_experiment(args.exp, cfg)
-    device = pick_device(cfg["device"])
+    # --check runs on the submitting host, which need not have the job's GPU
+    device = torch.device("cpu") if args.check else pick_device(cfg["device"])
     tc = cfg["train"]
     if world < 1 or tc["speakers_per_batch"] % world:
         raise UserError(f"train.speakers_per_batch={tc['speakers_per_batch']} cannot be split over {world} ranks "

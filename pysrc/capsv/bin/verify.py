@@ -40,7 +40,7 @@ def main():
     import torch   # here: a usage or input error is reported without the seconds of importing torch
 
     from capsv import checkpoint
-    from capsv.bin.train import pick_device
+    from capsv.device import pick_device
     from capsv.config import load_config
     from capsv.models.speaker_net import SpeakerNet
 
