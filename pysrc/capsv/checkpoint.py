@@ -201,6 +201,8 @@ def read_checkpoint(path):
     err = plain_data_error(state)
     if err:   # torch's allow-list is wider than ours (torch.Size, dtypes, ...)
         raise _refuse(path, err)
+    # what the file is, for the records of what it made (score files, calibration, embeddings); not saved
+    state["file"], state["sha256"] = os.fspath(path), _digest(data)
     return state
 
 
@@ -216,6 +218,7 @@ def load_latest(models_dir):
 
 
 def load_for_inference(exp_dir):
+    """The newest readable checkpoint of an experiment (with `file` and `sha256`: its path and its bytes' SHA-256)."""
     state = load_latest(os.path.join(exp_dir, "models"))
     if state is None:
         raise UserError(f"no readable checkpoint in {exp_dir}/models; run stage 2 (training) first")

@@ -65,7 +65,7 @@ def merge(pairs, njobs):
         n = infos[0]["n_trials"]
         expect = 0
         for j, info in enumerate(infos, 1):
-            same = ("trials_sha256", "epoch", "n_trials", "cohort", "precision")
+            same = ("trials_sha256", "epoch", "checkpoint_sha256", "n_trials", "cohort", "precision")
             if [info.get(k) for k in same] != [infos[0].get(k) for k in same] or info["first"] != expect:
                 raise UserError(f"{out}.{j}: this part does not belong with {out}.1 (other trials, checkpoint, "
                                 f"cohort or split); re-run stage 3")
@@ -143,8 +143,8 @@ def main():
     raw = []
     for trials_path, out_path, part, first, total in lists:
         scores = score_trials(net, frames, part, cfg["eval"]["trial_batch"])
-        info = {"epoch": state["epoch"], "checkpoint": checkpoint.checkpoint_path(
-            os.path.join(args.exp, "models"), state["epoch"]), "trials": trials_path,
+        info = {"epoch": state["epoch"], "checkpoint": state["file"], "checkpoint_sha256": state["sha256"],
+                "trials": trials_path,
             "trials_sha256": sha256(trials_path), "n_trials": total, "first": first, "count": len(part),
             "eval": cfg["eval"],     # the crops that made these scores: verify's calibration reproduces them
             **scoring_precision(cfg["eval"], device).record()}
