@@ -182,9 +182,21 @@ def test_asnorm_scores_are_reported_beside_the_raw_ones(trained_recipe, tmp_path
         f"run.sh: ERROR: --calibration-list trials_dev: no such trial list in {tmp_path}/data/synth_test; "
         f"name one of its trials, trials_<x> (stage 0 makes them)"]
 
-    # a development list (every other trial), scored by stage 3: it calibrates the raw scores of every list;
-    # the AS-norm list has no AS-norm scores of it to be calibrated on, so its LLR file goes
+
+def test_calibration_on_a_development_list_and_on_a_list_of_one_class(trained_recipe, tmp_path):
     data = tmp_path / "data/synth_test"
+    shutil.copytree(trained_recipe / "data/synth_test", data)
+    exp = tmp_path / "exp/small_cap"
+    shutil.copytree(trained_recipe / "exp/small_cap", exp, ignore=shutil.ignore_patterns("models"))
+    trials = read_trials(data / "trials")
+    raw = read_scores(exp / "scores/synth_test.score", trials)
+    labels = np.array([t[2] for t in trials])
+    write_scores(exp / "scores/synth_test.asnorm.score", trials, raw - raw.mean())     # stand-in AS-norm scores
+    shutil.copy(exp / "scores/synth_test.score.json", exp / "scores/synth_test.asnorm.score.json")
+    (exp / "scores/synth_test.asnorm.llr.score").write_text("an earlier run's file\n")
+
+    # a development list (every other trial), scored by stage 3: it calibrates the raw scores of every list;
+    # the AS-norm list has no AS-norm scores of it to be calibrated on, so it gets none (its old LLR file goes)
     dev = [t for i, t in enumerate(trials) if i % 2]
     (data / "trials_dev").write_text("".join(f"{e} {t} {'target' if y else 'nontarget'}\n" for e, t, y in dev))
     write_scores(exp / "scores/synth_test_dev.score", dev, raw[1::2])
@@ -201,6 +213,7 @@ def test_asnorm_scores_are_reported_beside_the_raw_ones(trained_recipe, tmp_path
     assert [r[0] for r in rows] == ["synth_test", "synth_test.asnorm", "synth_test_dev"]
     check_llr_columns(exp, rows, {"synth_test_dev": fit_llr_map(raw[1::2], labels[1::2])})
     assert [r[13] for r in rows] == ["synth_test_dev", "-", "synth_test_dev"]
+    assert not (exp / "scores/synth_test.asnorm.llr.score").exists()
     cal = json.loads((exp / "calibration.json").read_text())
     assert cal["list"] == cal["map"]["list"] == "synth_test_dev"
     check_page(exp)

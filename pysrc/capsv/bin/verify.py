@@ -79,7 +79,8 @@ def main():
           f"{show['min_dcf_0.05']}, calibrated on {cal['list']} ({cal.get('trials')}, {cal['score_kind']} scores)",
           file=sys.stderr)
     m = cal["map"]
-    print(f"# llr = {m['a']:.6g} * score + {m['b']:.6g}, fitted on {m['list']} at P_target {m['p_target']}; "
+    print(f"# llr = {m['a']:.6g} * score {'+-'[m['b'] < 0]} {abs(m['b']):.6g}, fitted on {m['list']} at P_target "
+          f"{m['p_target']}; "
           f"Bayes decision at P_target {p_target}: accept iff llr > {bayes_threshold(p_target):.6f}", file=sys.stderr)
     print("# <a> <b> <score> <decision at the eer threshold> <decision at the min_dcf_0.05 threshold> <llr> "
           f"<bayes decision at P_target {p_target}>", file=sys.stderr)
