@@ -80,7 +80,7 @@ def fit_llr_map(scores, labels, p_target=P_TARGET, name="the calibration list"):
 
     def hess(x):
         t = x[0] * z + x[1] + offset
-        h = w * expit(t) * expit(-t)
+        h = w * expit(t) * expit(-t)                 # even in t: the targets' sign drops out
         return np.array([[h @ (z * z), h @ z], [h @ z, h.sum()]])
 
     res = minimize(cost, np.zeros(2), jac=True, hess=hess, method="trust-exact", options={"gtol": 1e-10})
