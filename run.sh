@@ -40,7 +40,7 @@ nnodes=1                    # training nodes; run stage 2 on each with its --nod
 node_rank=0                 # this node's index (node 0 hosts the rendezvous)
 rdzv_endpoint=""            # --nnodes > 1: HOST:PORT of node 0 for torchrun's c10d rendezvous
 asnorm=false                # stage 3 also writes AS-norm scores (<list>.asnorm.score), cohort from the train set
-calibration_list=trials     # stage 4: the test set's trial list whose raw scores fix verify's thresholds
+calibration_list=trials     # stage 4: the test set's trial list whose raw scores fit the LLR map and verify's thresholds
 
 help_message="Usage: bash run.sh [options]
   --stage N / --stop-stage M   run stages N..M (0 data, 1 fbank, 2 train, 3 score, 4 metrics); default 0..4
@@ -61,7 +61,8 @@ help_message="Usage: bash run.sh [options]
                                bash run.sh --stage 2 --stop-stage 2 --ngpu N --nnodes M --node-rank K ...
   --asnorm true|false          stage 3 also AS-norm normalises every list, the cohort one utterance per training
                                speaker (eval.cohort_size, eval.asnorm_top_k; default $asnorm)
-  --calibration-list NAME      trial list of the test set (trials, trials_<x>) that calibrates verify's thresholds (default $calibration_list)"
+  --calibration-list NAME      trial list of the test set (trials, trials_<x>) that calibrates: the LLR map (Cllr, actDCF,
+                               *.llr.score) and verify's thresholds (default $calibration_list: optimistic on that list)"
 
 . ./path.sh
 . steps/parse_options.sh || exit 1
@@ -170,9 +171,13 @@ if [ $stage -le 3 ] && [ $stop_stage -ge 3 ]; then
 fi
 
 if [ $stage -le 4 ] && [ $stop_stage -ge 4 ]; then
-  log "stage 4: EER and minDCF for $expdir, and the no-training baseline on the same trials"
+  log "stage 4: EER, minDCF and calibrated LLRs (Cllr, minCllr, actDCF) for $expdir, and the no-training baseline on the same trials"
   [ -f "$test_dir/$calibration_list" ] ||
     die "--calibration-list $calibration_list: no such trial list in $test_dir; name one of its trials, trials_<x> (stage 0 makes them)"
+  cal_name=$test_name${calibration_list#trials}
+  if [ "$calibration_list" = trials ]; then
+    log "calibrating on $test_name's own trials (the default): its Cllr, actDCF and verify's thresholds are optimistic; --calibration-list trials_<x> calibrates on another list"
+  fi
   base=$exp/baseline_mean_fbank
   metric_args=(); base_args=()
   for t in "$test_dir"/trials "$test_dir"/trials_*; do
@@ -188,10 +193,10 @@ if [ $stage -le 4 ] && [ $stop_stage -ge 4 ]; then
   done
   [ ${#metric_args[@]} -gt 0 ] || die "$test_dir has no trials file; stage 0 makes it"
   python -m capsv.bin.compute_metrics --name baseline_mean_fbank "${base_args[@]}" --results "$base/results.txt" \
-    > /dev/null
+    --calibrate "$cal_name" > /dev/null
   log "no-training baseline (cosine of utterance-mean fbank):"; cat "$base/results.txt"
   python -m capsv.bin.compute_metrics --name "$name" "${metric_args[@]}" --results "$expdir/results.txt" \
-    --det "$expdir/det.png" --exp "$expdir" --calibrate "$test_name${calibration_list#trials}" \
+    --det "$expdir/det.png" --exp "$expdir" --calibrate "$cal_name" \
     --fbank-config conf/fbank.conf --data "$test_dir"
-  log "done: $expdir/results.txt, $expdir/RESULTS.md (DET plot, score histograms), thresholds for verify in $expdir/calibration.json"
+  log "done: $expdir/results.txt, $expdir/RESULTS.md (DET plot, score histograms), LLRs in $expdir/scores/*.llr.score, thresholds and map for verify in $expdir/calibration.json"
 fi

@@ -1,8 +1,14 @@
-"""EER / minDCF against a brute-force threshold sweep; DET plot output."""
+"""EER / minDCF against a brute-force threshold sweep; DET plot output; Cllr, minCllr, actDCF and the calibration map
+against direct sums over trials, a PAV of its own and closed-form cases."""
+import math
+
 import numpy as np
 import pytest
+from scipy.optimize import minimize
 
-from capsv.metrics import compute_eer, compute_min_dcf, error_rates, plot_det
+from capsv.calibration import fit_llr_map
+from capsv.metrics import compute_act_dcf, compute_cllr, compute_eer, compute_min_cllr, compute_min_dcf, error_rates, \
+    pav_llrs, plot_det
 from capsv.utils import UserError
 
 
@@ -165,3 +171,155 @@ def test_det_png(tmp_path):
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(data) > 5000
     assert [p.name for p in out.parent.iterdir()] == ["det.png"]  # no temporary left behind
+
+
+# Calibrated measures (Cllr, minCllr, actDCF) and the calibration map, against direct computations.
+
+def direct_cllr(llrs, labels):
+    """Cllr by a sum over trials, in bits (|LLR| kept small enough here for exp not to overflow)."""
+    tar = [math.log2(1 + math.exp(-x)) for x, y in zip(llrs, labels) if y]
+    non = [math.log2(1 + math.exp(x)) for x, y in zip(llrs, labels) if not y]
+    return (sum(tar) / len(tar) + sum(non) / len(non)) / 2
+
+
+def brute_act_dcf(llrs, labels, p):
+    """Count the Bayes decisions' errors trial by trial: accept iff llr > log((1 - p) / p)."""
+    t = math.log((1 - p) / p)
+    n_tar = sum(1 for y in labels if y)
+    misses = sum(1 for x, y in zip(llrs, labels) if y and not x > t)
+    fas = sum(1 for x, y in zip(llrs, labels) if not y and x > t)
+    return (p * misses / n_tar + (1 - p) * fas / (len(labels) - n_tar)) / min(p, 1 - p)
+
+
+def naive_pav_llrs(scores, labels):
+    """PAV on (targets, non-targets) counts with exact integer comparisons; equal scores start as one pool."""
+    groups = {}
+    for s, y in zip(scores, labels):
+        g = groups.setdefault(float(s), [0, 0, []])
+        g[0 if y else 1] += 1
+    pools = []   # [targets, non-targets, scores]
+    for s in sorted(groups):
+        pools.append([groups[s][0], groups[s][1], [s]])
+        # merge while the pool before has a target rate at least this one's: t1/(t1+n1) >= t2/(t2+n2)
+        while len(pools) > 1 and pools[-2][0] * (pools[-1][0] + pools[-1][1]) >= \
+                pools[-1][0] * (pools[-2][0] + pools[-2][1]):
+            t, n, ss = pools.pop()
+            pools[-1][0] += t
+            pools[-1][1] += n
+            pools[-1][2] += ss
+    n_tar = sum(1 for y in labels if y)
+    prior = math.log(n_tar / (len(labels) - n_tar))
+    llr = {}
+    for t, n, ss in pools:
+        v = math.inf if n == 0 else -math.inf if t == 0 else math.log(t / n) - prior
+        llr.update(dict.fromkeys(ss, v))
+    return [llr[float(s)] for s in scores]
+
+
+def cllr_with_infinities(llrs, labels):
+    """direct_cllr where an LLR may be infinite on the side that costs nothing."""
+    tar = [0.0 if x == math.inf else math.log2(1 + math.exp(-x)) for x, y in zip(llrs, labels) if y]
+    non = [0.0 if x == -math.inf else math.log2(1 + math.exp(x)) for x, y in zip(llrs, labels) if not y]
+    return (sum(tar) / len(tar) + sum(non) / len(non)) / 2
+
+
+@pytest.mark.parametrize("seed,n,decimals", CASES)
+def test_calibrated_measures_against_direct_computation(seed, n, decimals):
+    rng = np.random.default_rng(100 + seed)
+    labels = rng.random(n) < 0.3
+    labels[0], labels[1] = True, False
+    llrs = 2.5 * rng.normal(size=n) + 3.0 * labels - 1.0
+    if decimals is not None:  # heavy ties, some of them on the Bayes thresholds' sides
+        llrs = np.round(llrs, decimals)
+    assert compute_cllr(llrs, labels) == pytest.approx(direct_cllr(llrs, labels), rel=1e-12)
+    for p in (0.05, 0.01, 0.5, 0.2):
+        assert compute_act_dcf(llrs, labels, p) == pytest.approx(brute_act_dcf(llrs, labels, p), abs=1e-12)
+    want = naive_pav_llrs(llrs, labels)
+    got = pav_llrs(llrs, labels)
+    assert np.array_equal(np.isinf(got), np.isinf(want))
+    np.testing.assert_allclose(got[np.isfinite(got)], np.array(want)[np.isfinite(got)], rtol=0, atol=1e-9)
+    assert compute_min_cllr(llrs, labels) == pytest.approx(cllr_with_infinities(want, labels), rel=1e-9)
+
+
+def test_act_dcf_decides_strictly_above_the_bayes_threshold():
+    t = math.log(19)                       # P_target 0.05
+    labels = [1, 1, 0, 0]
+    # a target exactly at the threshold is rejected (a miss), a non-target just above accepted (a false alarm)
+    assert compute_act_dcf([t, 10, t + 1e-9, -10], labels, 0.05) == pytest.approx((0.05 * 0.5 + 0.95 * 0.5) / 0.05)
+    assert compute_act_dcf([0, 0, 0, 0], labels, 0.05) == pytest.approx(1.0)        # rejects all: miss rate 1
+    assert compute_act_dcf([0, 0, 0, 0], labels, 0.5) == pytest.approx(1.0)         # 0 is not > 0: rejects all
+
+
+def test_min_cllr_closed_form_cases():
+    # separated: the PAV map is +inf for targets and -inf for non-targets, which costs nothing
+    assert compute_min_cllr([0.1, 0.2, 0.3, 0.7, 0.8], [0, 0, 0, 1, 1]) == 0.0
+    # all tied, or fully reversed: the best monotone map is a constant, the list's own prior: LLR 0, Cllr 1
+    assert compute_min_cllr([0.5] * 6, [1, 0, 0, 1, 0, 0]) == pytest.approx(1.0)
+    assert compute_min_cllr([0.9, 0.8, 0.7, 0.1, 0.2], [0, 0, 0, 1, 1]) == pytest.approx(1.0)
+    assert compute_cllr([0.0] * 5, [1, 1, 0, 0, 0]) == pytest.approx(1.0)
+    # a tie of both classes between pure pools: 2 targets and 2 non-targets at 0.5 pool to LLR 0 (list prior 1:1)
+    llrs = pav_llrs([0.1, 0.5, 0.5, 0.5, 0.5, 0.9], [0, 1, 0, 1, 0, 1])
+    assert llrs.tolist() == [-math.inf, 0.0, 0.0, 0.0, 0.0, math.inf]
+    # = ½[(2 · 1 + 0) / 3 + (2 · 1 + 0) / 3] bits
+    assert compute_min_cllr([0.1, 0.5, 0.5, 0.5, 0.5, 0.9], [0, 1, 0, 1, 0, 1]) == pytest.approx(2 / 3)
+
+
+def test_min_cllr_bounds_every_monotone_recalibration():
+    rng = np.random.default_rng(5)
+    labels = rng.random(500) < 0.2
+    scores = np.round(rng.normal(size=500) + 1.5 * labels, 2)
+    best = compute_min_cllr(scores, labels)
+    assert 0 < best < 1
+    for f in (lambda x: 2 * x - 1, lambda x: 4 * x - 3, lambda x: np.sinh(x) - 2, lambda x: 3 * np.tanh(x)):
+        assert compute_cllr(f(scores), labels) >= best
+        assert compute_min_cllr(f(scores), labels) == pytest.approx(best, abs=1e-12)   # depends on the order only
+
+
+def prior_weighted_cost(x, scores, labels, p):
+    """The calibration objective written out: P · mean over targets of -log σ(LLR + logit P) + (1 - P) · mean over
+    non-targets of -log σ(-(LLR + logit P)), LLR = a·s + b."""
+    lo = math.log(p / (1 - p))
+    t = [x[0] * s + x[1] + lo for s in scores]
+    tar = [math.log1p(math.exp(-v)) for v, y in zip(t, labels) if y]
+    non = [math.log1p(math.exp(v)) for v, y in zip(t, labels) if not y]
+    return p * sum(tar) / len(tar) + (1 - p) * sum(non) / len(non)
+
+
+def test_llr_map_is_the_prior_weighted_logistic_regression():
+    rng = np.random.default_rng(11)
+    labels = rng.random(300) < 0.4
+    scores = 0.1 * rng.normal(size=300) + 0.12 * labels + 0.4      # cosine-like: small spread, offset
+    a, b = fit_llr_map(scores, labels, 0.05)
+    # an independent minimiser (derivative-free, from another start) of the objective written out above
+    ref = minimize(prior_weighted_cost, [1.0, 0.0], args=(scores.tolist(), labels.tolist(), 0.05),
+                   method="Nelder-Mead", options={"xatol": 1e-7, "fatol": 1e-12, "maxiter": 20000})
+    assert a == pytest.approx(ref.x[0], rel=1e-4) and b == pytest.approx(ref.x[1], abs=1e-4 * abs(ref.x[1]) + 1e-5)
+    # affine changes of the raw score move the map with them
+    a2, b2 = fit_llr_map(3 * scores + 5, labels, 0.05)
+    assert a2 == pytest.approx(a / 3, rel=1e-6) and b2 == pytest.approx(b - 5 * a / 3, rel=1e-6, abs=1e-6)
+    # another prior is another fit (the classes weigh differently), not the same line
+    assert fit_llr_map(scores, labels, 0.5) != pytest.approx((a, b), rel=1e-3)
+
+
+def test_llr_map_recovers_the_gaussian_llr():
+    # equal-variance Gaussian classes: the true LLR is linear, (m1 - m0)/σ² · s - (m1² - m0²)/(2σ²)
+    rng = np.random.default_rng(2)
+    n = 40000
+    labels = np.arange(n) % 4 == 0
+    m1, m0, sd = 1.5, -0.5, 1.2
+    scores = np.where(labels, rng.normal(m1, sd, n), rng.normal(m0, sd, n))
+    a, b = fit_llr_map(scores, labels, 0.05)
+    assert a == pytest.approx((m1 - m0) / sd ** 2, rel=0.05)
+    assert b == pytest.approx(-(m1 ** 2 - m0 ** 2) / (2 * sd ** 2), abs=0.1)
+    llrs = a * scores + b
+    # well calibrated: Cllr close to its PAV bound, actDCF close to minDCF
+    assert compute_cllr(llrs, labels) - compute_min_cllr(llrs, labels) < 0.01
+    for p in (0.05, 0.01):
+        assert compute_act_dcf(llrs, labels, p) - compute_min_dcf(llrs, labels, p)[0] < 0.03
+
+
+def test_llr_map_needs_both_classes():
+    with pytest.raises(UserError, match="only target trials .*both target and non-target"):
+        fit_llr_map([0.1, 0.2, 0.3], [1, 1, 1])
+    with pytest.raises(UserError, match="only non-target trials"):
+        fit_llr_map([0.1, 0.2, 0.3], [0, 0, 0])

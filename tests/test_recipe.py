@@ -45,8 +45,9 @@ def test_full_run_writes_every_stage(recipe):
     assert [t.split()[:2] for t in trials] == [s.split()[:2] for s in scores]
     assert "epoch 2: loss" in (exp / "log/train.log").read_text() and "epoch 2: loss" in r.stdout
     lines = (exp / "results.txt").read_text().splitlines()
-    assert lines[:2] == ["# system: tiny_cap", "# list      EER(%)  minDCF(0.05)  minDCF(0.01)  trials  targets  epoch  "
-                         "sha256                                                            path"]
+    assert lines[0] == "# system: tiny_cap" and lines[1].split() == [
+        "#", "list", "EER(%)", "minDCF(0.05)", "minDCF(0.01)", "trials", "targets", "epoch", "sha256", "path",
+        "Cllr", "minCllr", "actDCF(0.05)", "actDCF(0.01)", "calibrated_on"]
     row = lines[2].split()
     assert len(lines) == 3 and row[0] == "synth_test" and row[4:7] == ["48", "24", "2"]
     assert 0 <= float(row[1]) <= 100 and 0 <= float(row[2]) <= 1 and 0 <= float(row[3]) <= 1

@@ -1,5 +1,8 @@
-"""capsv.bin.verify: audio files scored as stages 1 and 3 score them, decided at stage 4's calibrated thresholds."""
+"""capsv.bin.verify: audio files scored as stages 1 and 3 score them, decided at stage 4's calibrated thresholds and
+by the Bayes decision on stage 4's calibrated LLR."""
+import hashlib
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -14,7 +17,7 @@ import yaml
 from scipy.signal import resample_poly
 
 from capsv import checkpoint
-from capsv.calibration import FILE, file_features, read_files, score_files
+from capsv.calibration import FILE, file_features, fit_llr_map, read_files, score_files
 from capsv.metrics import compute_eer, compute_min_dcf
 from capsv.models.speaker_net import SpeakerNet
 from capsv.trials import read_scores, read_trials
@@ -92,6 +95,14 @@ def test_calibrated_thresholds_are_the_stage3_scores_eer_and_min_dcf_thresholds(
             assert cal["thresholds"][key] == (None if np.isinf(want) else want)   # null: reject every trial
         assert cal["epoch"] == 10 and cal["score_kind"] == "raw" and cal["list"] == "synth_test"
         assert cal["fbank"]["checked_against"]["utterance"] in {u for t in trials for u in t[:2]}
+        # the LLR map is the fit of these scores; the checkpoint, precision and device are those that scored them
+        m = cal["map"]
+        assert (m["a"], m["b"]) == fit_llr_map(scores, labels, 0.05) and m["p_target"] == 0.05
+        assert m["list"] == "synth_test" and m["trials_sha256"] == cal["trials_sha256"]
+        newest = checkpoint.load_for_inference(trained_recipe / "exp" / system)
+        assert cal["checkpoint_sha256"] == newest["sha256"] == hashlib.sha256(Path(newest["file"]).read_bytes()).hexdigest()
+        info = json.loads((trained_recipe / "exp" / system / "scores/synth_test.score.json").read_text())
+        assert (cal["precision"], cal["device_type"]) == (info["precision"], info["device_type"]) == ("fp32", "cpu")
 
 
 @pytest.mark.parametrize("system", ["small_cap", "small_sap"])
@@ -112,9 +123,16 @@ def test_scores_equal_stage3_and_decisions_follow_the_thresholds(trained_recipe,
     assert [tuple(r[:2]) for r in rows] == pairs + extra
     got = np.array([float(r[2]) for r in rows])
     np.testing.assert_allclose(got[:len(pairs)], scores[picked], rtol=0, atol=1e-5)
-    t = json.loads((root / "exp" / system / FILE).read_text())["thresholds"]
+    cal = json.loads((root / "exp" / system / FILE).read_text())
+    t, m = cal["thresholds"], cal["map"]
     for r, s in zip(rows, got):
-        assert r[3:] == ["accept" if t[k] is not None and s >= t[k] else "reject" for k in ("eer", "min_dcf_0.05")]
+        assert r[3:5] == ["accept" if t[k] is not None and s >= t[k] else "reject" for k in ("eer", "min_dcf_0.05")]
+        assert len(r) == 7 and r[6] == ("accept" if float(r[5]) > math.log(0.95 / 0.05) else "reject")
+    # the LLR is a * score + b of stage 3's score, and what stage 4's LLR file holds for the trial
+    llr = np.array([float(r[5]) for r in rows])
+    np.testing.assert_allclose(llr[:len(pairs)], m["a"] * scores[picked] + m["b"], rtol=0, atol=2e-5 * abs(m["a"]) + 1e-6)
+    llr_file = read_scores(root / "exp" / system / "scores/synth_test.llr.score", trials)
+    np.testing.assert_allclose(llr[:len(pairs)], llr_file[picked], rtol=0, atol=2e-5 * abs(m["a"]) + 1e-6)
     if extra:   # the resampled copy scores as its original, far within the list's spread
         assert abs(got[-1] - got[0]) < 0.1 * scores.std()
 
@@ -148,16 +166,24 @@ def test_each_distinct_file_runs_through_the_trunk_once(live_sap):
     assert scores[0] == scores[3] and abs(scores[0] - scores[1]) < 1e-6   # (b, a) is (a, b)
 
 
-def test_verify_decides_with_the_recorded_fbank_options(trained_recipe, tmp_path):
-    """calibration.json's options are the ones used (not conf/fbank.conf as it may be now)."""
+def test_verify_decides_with_the_recorded_fbank_options_and_says_when_precision_differs(trained_recipe, tmp_path):
+    """calibration.json's options are the ones used (not conf/fbank.conf as it may be now); thresholds set by
+    scores of another precision (here: a bf16 GPU run) are used with a one-line warning."""
     trials, scores, wav = stage3(trained_recipe, "small_cap")
     exp = tmp_path / "small_cap"
     shutil.copytree(trained_recipe / "exp/small_cap", exp)
     cal = json.loads((exp / FILE).read_text())
     cal["fbank"]["options"]["frame_shift"] = 12.5
+    cal["precision"], cal["device_type"] = "bf16", "cuda"
     (exp / FILE).write_text(json.dumps(cal))
-    [row] = output_rows(verify("--exp", exp, wav[trials[0][0]], wav[trials[0][1]]))
+    r = verify("--exp", exp, "--p-target", "0.5", wav[trials[0][0]], wav[trials[0][1]])
+    [row] = output_rows(r)
     assert row[:2] == [wav[trials[0][0]], wav[trials[0][1]]] and abs(float(row[2]) - scores[0]) > 1e-5
+    assert row[6] == ("accept" if float(row[5]) > 0 else "reject")       # the Bayes threshold at prior 0.5
+    assert [line for line in r.stderr.splitlines() if not line.startswith("# ")] == [
+        "WARNING: scoring at fp32 on cpu, but the scores that set the thresholds were computed at bf16 on cuda: "
+        "scores may differ slightly (set eval.precision / --device to match)"]
+    assert "Bayes decision at P_target 0.5: accept iff llr > 0.000000" in r.stderr
 
 
 def one_error_line(r, *needles):
@@ -187,5 +213,18 @@ def test_bad_input_is_one_line(trained_recipe, tmp_path):
     (copy / FILE).write_text(json.dumps(cal))
     one_error_line(verify("--exp", copy, good, good), "epoch 1", "newest checkpoint is epoch 10",
                    "re-run stages 3 and 4")
+    # a retrained experiment: a checkpoint of the same epoch with other weights
+    cal["epoch"] = 10
+    (copy / FILE).write_text(json.dumps(cal))
+    state = checkpoint.load_for_inference(copy)
+    state["model"]["head.0.running_mean"] += 0.01
+    checkpoint.save_checkpoint(copy / "models", 10, {k: v for k, v in state.items() if k not in ("file", "sha256")})
+    one_error_line(verify("--exp", copy, good, good), "another checkpoint", cal["checkpoint_sha256"][:12],
+                   "the same epoch 10", "re-run stages 3 and 4")
+    # a calibration.json of an earlier version of stage 4: no map, no checkpoint hash
+    for k in ("map", "checkpoint_sha256"):
+        del cal[k]
+    (copy / FILE).write_text(json.dumps(cal))
+    one_error_line(verify("--exp", copy, good, good), copy / FILE, "map, checkpoint_sha256", "re-run stage 4")
     (copy / FILE).unlink()
     one_error_line(verify("--exp", copy, good, good), copy / FILE, "run stage 4")

@@ -1,12 +1,17 @@
-"""Calibrated accept/reject decisions: the thresholds stage 4 fixes, and `verify`'s scoring of audio files.
+"""Calibrated accept/reject decisions: the thresholds and the LLR map stage 4 fixes, and `verify`'s scoring of
+audio files.
 
 Stage 4 (`capsv.bin.compute_metrics --exp DIR`) writes DIR/calibration.json from the score file of one
 trial list (the calibration list; by default the test set's `trials`):
 
 - `thresholds`: the EER threshold and the minDCF(p_target 0.05) threshold of that list's raw scores
   (decision: accept iff score >= threshold; null means "reject everything" was the cheapest point);
+- `map`: the linear calibration LLR = a * score + b, fitted on that list by prior-weighted logistic
+  regression at p_target 0.05 (`fit_llr_map`), with the list's name and SHA-256; the Bayes decision at
+  prior P accepts iff LLR > log((1 - P) / P);
 - the list's name, path, SHA-256 and counts, its EER / minDCF and the miss / false-alarm rates at
-  each threshold; the checkpoint epoch and path that scored it (from the score file's .json);
+  each threshold; the checkpoint epoch, path and SHA-256 that scored it and the precision and device
+  type it ran at (from the score file's .json);
 - `fbank`: the fbank options (text and parsed) that stage 1 used, checked at stage 4 by recomputing
   one test utterance's features and comparing them with its feats.scp matrix, so `verify` computes
   its features with the options the model was scored with even if conf/fbank.conf is edited later;
@@ -25,7 +30,7 @@ import sys
 
 import numpy as np
 
-from capsv.metrics import eer_from_rates, min_dcf_from_rates, rates_at_threshold
+from capsv.metrics import bayes_threshold, eer_from_rates, min_dcf_from_rates, rates_at_threshold
 from capsv.trials import open_input
 from capsv.utils import UserError, atomic_open, sha256
 
@@ -33,14 +38,86 @@ FILE = "calibration.json"
 P_TARGET = 0.05
 THRESHOLDS = ("eer", "min_dcf_0.05")            # the order of verify's decision columns
 FEATURE_ATOL = 1e-3                             # log-mel units; a changed option moves features by far more
+# what verify needs that older versions of stage 4 did not record
+NEEDED = ("thresholds", "epoch", "fbank", "eval", "list", "map", "checkpoint_sha256")
+
+
+def check_both_classes(labels, what, fix):
+    """A UserError unless `labels` hold target and non-target trials: a calibration needs both."""
+    n_tar = int(np.sum(labels))
+    if n_tar == 0 or n_tar == len(labels):
+        only = "target" if n_tar else "non-target"
+        raise UserError(f"{what} has only {only} trials ({len(labels)}): a calibration needs both target and "
+                        f"non-target trials; {fix}")
+
+
+def fit_llr_map(scores, labels, p_target=P_TARGET, name="the calibration list"):
+    """(a, b) of the calibration LLR = a * score + b: prior-weighted logistic regression (Brümmer).
+
+    Minimises the cross-entropy of the posteriors at prior p_target,
+        P / N_tar * sum over targets of log(1 + e^-(LLR + logit P))
+        + (1 - P) / N_non * sum over non-targets of log(1 + e^(LLR + logit P)),
+    a convex function of (a, b), so each class weighs as the prior says whatever the list's balance. Fitted on
+    standardised scores (Newton steps in a trust region), then mapped back. Scores that separate the classes
+    completely have no finite optimum: the slope grows until the gradient vanishes numerically (a warning).
+    """
+    from scipy.optimize import minimize
+    from scipy.special import expit
+
+    s = np.asarray(scores, dtype=np.float64)
+    y = np.asarray(labels, dtype=bool)
+    check_both_classes(y, name, "give a list with both")
+    mu, sd = s.mean(), s.std()
+    z = (s - mu) / (sd if sd > 0 else 1.0)
+    w = np.where(y, p_target / y.sum(), (1 - p_target) / (~y).sum())   # each trial's weight
+    sign = np.where(y, -1.0, 1.0)                                        # targets pay for low LLRs
+    offset = np.log(p_target / (1 - p_target))
+
+    def cost(x):
+        t = sign * (x[0] * z + x[1] + offset)
+        g = w * sign * expit(t)                      # d cost / d LLR of each trial
+        return np.sum(w * np.logaddexp(0.0, t)), np.array([g @ z, g.sum()])
+
+    def hess(x):
+        t = x[0] * z + x[1] + offset
+        h = w * expit(t) * expit(-t)                 # even in t: the targets' sign drops out
+        return np.array([[h @ (z * z), h @ z], [h @ z, h.sum()]])
+
+    res = minimize(cost, np.zeros(2), jac=True, hess=hess, method="trust-exact", options={"gtol": 1e-10})
+    if not np.all(np.isfinite(res.x)):
+        raise RuntimeError(f"calibration fit failed: {res.message}")
+    if s[y].min() > s[~y].max():
+        print(f"WARNING: the scores of {name} separate targets from non-targets completely, so a calibration "
+              f"on it is overconfident (its slope is bounded only by the optimiser's tolerance); calibrate on a "
+              f"larger or harder list", file=sys.stderr)
+    a = res.x[0] / (sd if sd > 0 else 1.0)
+    return float(a), float(res.x[1] - a * mu)
+
+
+def llr_map_record(a, b, label, trials_path, digest, scores_path, labels, p_target=P_TARGET):
+    """The map as calibration.json and the LLR score files' .json record it."""
+    return {"a": a, "b": b, "p_target": p_target, "list": label, "trials": trials_path, "trials_sha256": digest,
+            "scores": scores_path, "n_trials": int(len(labels)), "n_targets": int(np.sum(labels)),
+            "llr": "a * score + b",
+            "bayes_decision": f"accept iff llr > log((1 - P) / P), {bayes_threshold(p_target):.6f} at P = {p_target}"}
+
+
+def apply_map(llr_map, scores):
+    return llr_map["a"] * np.asarray(scores, dtype=np.float64) + llr_map["b"]
+
+
+def bayes_decide(llr, p_target):
+    """The Bayes decision (C_miss = C_fa = 1) of a calibrated LLR at prior p_target."""
+    return "accept" if llr > bayes_threshold(p_target) else "reject"
 
 
 def _threshold(t):
     return None if not np.isfinite(t) else float(t)
 
 
-def make_calibration(system, label, trials_path, scores_path, info, rates, scores, labels, fbank, eval_cfg):
-    """The calibration record of one list's raw scores (`rates` from metrics.error_rates)."""
+def make_calibration(system, label, trials_path, scores_path, info, rates, scores, labels, fbank, eval_cfg, llr_map):
+    """The calibration record of one list's raw scores (`rates` from metrics.error_rates; `llr_map` from
+    llr_map_record); `info` is the score file's .json."""
     eer, t_eer = eer_from_rates(*rates)
     dcf, t_dcf = min_dcf_from_rates(*rates, p_target=P_TARGET)
     thresholds = {"eer": _threshold(t_eer), "min_dcf_0.05": _threshold(t_dcf)}
@@ -64,8 +141,13 @@ def make_calibration(system, label, trials_path, scores_path, info, rates, score
         "rates_at_thresholds": at,
         "epoch": info["epoch"],
         "checkpoint": info.get("checkpoint"),
-        "note": (f"thresholds calibrated on {label}: error rates measured with them on {label} itself are "
-                 f"optimistic (they are that list's best); calibrate on a development list to judge other data"),
+        "checkpoint_sha256": info["checkpoint_sha256"],
+        "precision": info.get("precision"),
+        "device_type": info.get("device_type"),
+        "map": llr_map,
+        "note": (f"thresholds and map calibrated on {label}: error rates, actDCF and Cllr measured with them on "
+                 f"{label} itself are optimistic (they are fitted to that list); calibrate on a development "
+                 f"list to judge other data"),
         "fbank": fbank,
         "eval": eval_cfg,
     }
@@ -131,17 +213,25 @@ def load_calibration(exp):
                         f"(bash run.sh --stage 4 --config <its config>)") from None
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{path} is unreadable ({type(e).__name__}); re-run stage 4 for {exp}") from None
-    need = ("thresholds", "epoch", "fbank", "eval", "list")
-    if not isinstance(cal, dict) or any(k not in cal for k in need) or \
-            any(k not in cal["thresholds"] for k in THRESHOLDS):
-        raise UserError(f"{path} lacks some of {', '.join(need)} (an older or damaged file); re-run stage 4 for {exp}")
+    if not isinstance(cal, dict) or any(k not in cal for k in NEEDED) or \
+            any(k not in cal["thresholds"] for k in THRESHOLDS) or \
+            any(k not in (cal["map"] or {}) for k in ("a", "b", "p_target")):
+        missing = [k for k in NEEDED if k not in cal] if isinstance(cal, dict) else list(NEEDED)
+        raise UserError(f"{path} lacks {', '.join(missing) or 'some fields'} (written by an older version of "
+                        f"stage 4, or damaged); re-run stage 4 for {exp} (bash run.sh --stage 4 ...)")
     return cal
 
 
-def check_epoch(cal, epoch, exp):
-    if cal["epoch"] != epoch:
+def check_checkpoint(cal, state, exp):
+    """A UserError unless the calibration was made on the scores of this checkpoint (by content, not epoch)."""
+    if cal["epoch"] != state["epoch"]:
         raise UserError(f"{exp}/{FILE} was calibrated on the scores of epoch {cal['epoch']}, but the newest "
-                        f"checkpoint is epoch {epoch}; re-run stages 3 and 4 (bash run.sh --stage 3 ...)")
+                        f"checkpoint is epoch {state['epoch']}; re-run stages 3 and 4 (bash run.sh --stage 3 ...)")
+    if cal["checkpoint_sha256"] != state["sha256"]:
+        raise UserError(f"{exp}/{FILE} was calibrated on the scores of another checkpoint (SHA-256 "
+                        f"{cal['checkpoint_sha256'][:12]}...) than {state['file']} (SHA-256 {state['sha256'][:12]}..., "
+                        f"the same epoch {state['epoch']}: a retrained experiment?); re-run stages 3 and 4 "
+                        f"(bash run.sh --stage 3 ...)")
 
 
 def decide(score, threshold):

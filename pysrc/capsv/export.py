@@ -13,7 +13,7 @@ Two parts, each a file per format in the export dir (default exp/<name>/export):
 
 export.json beside them says how to make the inputs (the fbank options for
 torchaudio.compliance.kaldi.fbank, the crop rule, num_crops, crop_frames), what each file takes and
-returns, and the SHA-256 of each file. It is written last: a complete export has it, and it names
+returns, the precision it computes at (fp32), and the SHA-256 of each file. It is written last: a complete export has it, and it names
 only files of this export.
 
 The wrappers call the model's own modules (net.trunk, net.pool, net.head) in eval mode, so the
@@ -23,6 +23,7 @@ route (capsv.scoring), and the two agree to float32 rounding.
 import json
 import logging
 import os
+import sys
 import time
 import warnings
 
@@ -31,6 +32,7 @@ from torch import nn
 
 from capsv import checkpoint
 from capsv.config import load_config
+from capsv.device import Precision, same_precision
 from capsv.features import read_fbank_conf
 from capsv.models.speaker_net import SpeakerNet
 from capsv.utils import UserError, atomic_open, atomic_path, sha256
@@ -181,11 +183,33 @@ def _check_onnx(path, in_names, inputs, want):
     return _rel_diff(sess.run(None, {n: x.numpy() for n, x in zip(in_names, inputs)}), want)
 
 
+EXPORTED_PRECISION = Precision("fp32", "cpu", "off")    # the graphs are traced and checked in fp32
+
+
+def precision_warning(exp):
+    """One line when the scores that set <exp>/calibration.json's thresholds were computed at another precision
+    than the exported model computes; None when they match or nothing says."""
+    try:
+        with open(os.path.join(exp, "calibration.json")) as f:
+            cal = json.load(f)
+    except (OSError, ValueError):
+        return None
+    rec = cal if isinstance(cal, dict) and cal.get("precision") else None
+    if same_precision(rec, EXPORTED_PRECISION) is None:
+        return None
+    return (f"WARNING: the exported model computes in {EXPORTED_PRECISION.name}, but the scores that set the thresholds "
+            f"in {exp}/calibration.json were computed at {rec['precision']} on {rec.get('device_type', '?')}: "
+            f"its scores may differ slightly from theirs")
+
+
 def export(exp, out=None, onnx=False, fbank_config="conf/fbank.conf", log=print):
     """Write the export of `exp` into `out` (default <exp>/export); returns the export.json record."""
     out = out or os.path.join(exp, "export")
     fbank = read_fbank_conf(fbank_config)       # first: a bad option is one line before any work
     net, state, cfg = load_net(exp)
+    warning = precision_warning(exp)
+    if warning:
+        print(warning, file=sys.stderr)
     os.makedirs(out, exist_ok=True)
     if os.path.exists(os.path.join(out, "export.json")):   # until this export is complete, the dir has none
         os.remove(os.path.join(out, "export.json"))
@@ -236,6 +260,7 @@ def export(exp, out=None, onnx=False, fbank_config="conf/fbank.conf", log=print)
         "checked_max_rel_diff": checks,
         "sha256": {f: sha256(os.path.join(out, f)) for p in files.values() for f in p["files"].values()},
         "torch": torch.__version__,
+        "precision": EXPORTED_PRECISION.name,
     }
     with atomic_open(os.path.join(out, "export.json")) as f:
         json.dump(record, f, indent=1)

@@ -1,4 +1,5 @@
-"""Verification metrics: error-rate curves, EER, minDCF and DET plots.
+"""Verification metrics: error-rate curves, EER, minDCF and DET plots; actDCF, Cllr and minCllr of calibrated
+log-likelihood ratios (LLRs).
 
 Conventions used throughout:
 
@@ -9,7 +10,8 @@ Conventions used throughout:
 - p_miss(t) = #{target trials with score < t} / #targets,
   p_fa(t)   = #{nontarget trials with score >= t} / #nontargets.
 
-All curves come from a single argsort of the scores (O(n log n)).
+All curves come from a single argsort of the scores (O(n log n)). The Bayes decision of an LLR, unlike a threshold
+decision, accepts iff LLR > log((1 - P) / P) (strictly).
 """
 import numpy as np
 
@@ -226,3 +228,73 @@ def plot_score_histograms(panels, path, title=None, bins=50):
             fig.savefig(tmp, format="png", dpi=100)
     finally:
         plt.close(fig)
+
+
+# Calibrated scores: log-likelihood ratios (LLRs), judged by the costs of the decisions they make.
+
+def bayes_threshold(p_target):
+    """The LLR above which the Bayes decision at prior p_target (C_miss = C_fa = 1) accepts: log((1 - P) / P)."""
+    if not 0.0 < p_target < 1.0:
+        raise ValueError(f"p_target must be in (0, 1), got {p_target}")
+    return float(np.log((1 - p_target) / p_target))
+
+
+def compute_act_dcf(llrs, labels, p_target=0.05):
+    """Normalised DCF (C_miss = C_fa = 1) of the Bayes decisions of these LLRs: accept iff LLR > log((1 - P) / P).
+
+    Unlike minDCF, no threshold is chosen on the list: the LLRs decide, so a badly calibrated system pays.
+    Normalised as minDCF is, by min(P, 1 - P); a system that accepts or rejects everything scores 1.
+    """
+    llrs, labels = _check(llrs, labels)
+    accept = llrs > bayes_threshold(p_target)
+    p_miss = (~accept & labels).sum() / labels.sum()
+    p_fa = (accept & ~labels).sum() / (~labels).sum()
+    return float((p_target * p_miss + (1 - p_target) * p_fa) / min(p_target, 1 - p_target))
+
+
+def _cllr(llrs, labels):
+    # log2(1 + e^x) as logaddexp(0, x) / ln 2: exact at +-inf and without overflow for large |x|
+    tar = np.logaddexp(0.0, -llrs[labels]).mean()
+    non = np.logaddexp(0.0, llrs[~labels]).mean()
+    return float((tar + non) / (2 * np.log(2)))
+
+
+def compute_cllr(llrs, labels):
+    """Cllr in bits: ½[mean over targets of log2(1 + e^-LLR) + mean over non-targets of log2(1 + e^LLR)].
+
+    0 for perfect, confident LLRs; 1 for LLRs that are all 0 (a system that says nothing); unbounded above
+    for confident wrong ones.
+    """
+    return _cllr(*_check(llrs, labels))
+
+
+def pav_llrs(scores, labels):
+    """The LLRs of the optimal monotone (non-decreasing) map of `scores` on this list (pool adjacent violators).
+
+    Equal scores are one point (a map cannot tell them apart), so a tie is never split. Each pool's LLR is
+    log(its targets / its non-targets) minus the list's log(#targets / #non-targets): exact counts, so a pool
+    of targets only is +inf and one of non-targets only -inf.
+    """
+    from scipy.optimize import isotonic_regression
+
+    scores, labels = _check(scores, labels)
+    uniq, group = np.unique(scores, return_inverse=True)          # sorted distinct scores
+    count = np.bincount(group, minlength=uniq.size)
+    tar = np.bincount(group, weights=labels, minlength=uniq.size)
+    blocks = isotonic_regression(tar / count, weights=count).blocks
+    pool = np.repeat(np.arange(blocks.size - 1), np.diff(blocks))  # distinct score -> its pool
+    pool_tar = np.add.reduceat(tar, blocks[:-1])
+    pool_non = np.add.reduceat(count, blocks[:-1]) - pool_tar
+    n_tar = labels.sum()
+    with np.errstate(divide="ignore"):
+        pool_llr = np.log(pool_tar) - np.log(pool_non) - np.log(n_tar / (labels.size - n_tar))
+    return pool_llr[pool][group]
+
+
+def compute_min_cllr(scores, labels):
+    """minCllr: the Cllr of `pav_llrs`, the best any monotone recalibration of these scores achieves on this list.
+
+    At most 1 (the constant map is monotone); Cllr - minCllr is the cost of miscalibration.
+    """
+    scores, labels = _check(scores, labels)
+    return _cllr(pav_llrs(scores, labels), labels)

@@ -2,7 +2,8 @@
 
 Written by stage 4 (capsv.bin.compute_metrics --exp) from the same numbers as results.txt: the system,
 the SHA-256 of its config.yaml, the checkpoint, the software versions, a table of every trial list
-(raw and, where stage 3 made them, AS-norm scores), the calibrated thresholds `verify` uses and what
+(raw and, where stage 3 made them, AS-norm scores), the measures of the calibrated log-likelihood ratios
+(Cllr, minCllr, actDCF) and the map that made them, the calibrated thresholds `verify` uses and what
 they do on each list, and the DET plot and score histograms, linked by paths relative to the page.
 """
 import os
@@ -10,11 +11,15 @@ import platform
 
 import yaml
 
+from capsv.metrics import bayes_threshold
 from capsv.utils import atomic_open, sha256
 
 COLUMNS = (("list", "list"), ("path", "path"), ("sha256", "SHA-256"), ("trials", "trials"),
            ("targets", "targets"), ("epoch", "epoch"), ("EER(%)", "EER (%)"), ("minDCF(0.05)", "minDCF (0.05)"),
            ("minDCF(0.01)", "minDCF (0.01)"))
+LLR_COLUMNS = (("list", "list"), ("calibrated_on", "calibrated on"), ("Cllr", "Cllr"), ("minCllr", "minCllr"),
+               ("actDCF(0.05)", "actDCF (0.05)"), ("minDCF(0.05)", "minDCF (0.05)"), ("actDCF(0.01)", "actDCF (0.01)"),
+               ("minDCF(0.01)", "minDCF (0.01)"))
 
 
 def versions():
@@ -32,6 +37,33 @@ def _rel(path, start):
 
 def _pct(p):
     return f"{p * 100:.2f} %"
+
+
+def llr_section(rows, cal):
+    """The page's lines on the calibrated LLRs: the map, the measures' definitions and a table of every list."""
+    m = cal["map"]
+    lines = [
+        "",
+        "## Calibrated log-likelihood ratios",
+        "",
+        f"LLR = a · score + b, a = {m['a']:.6g}, b = {m['b']:.6g}: fitted on the {cal['score_kind']} scores of "
+        f"**{m['list']}** (`{m['trials']}`, SHA-256 `{m['trials_sha256']}`) by prior-weighted logistic regression "
+        f"at P_target {m['p_target']}, and written beside each score file as `scores/<list>.llr.score` "
+        f"(AS-norm lists get a map of their own, fitted on the same list's AS-norm scores). The Bayes decision at "
+        f"prior P accepts iff LLR > log((1 − P)/P): {bayes_threshold(0.05):.4f} at 0.05, "
+        f"{bayes_threshold(0.01):.4f} at 0.01.",
+        "",
+        "Cllr = ½[mean over targets of log2(1 + e^(−LLR)) + mean over non-targets of log2(1 + e^(LLR))], in bits "
+        "(0 perfect, 1 for LLRs that say nothing); minCllr is the Cllr after the best monotone (PAV) recalibration "
+        "on the list itself; actDCF is the normalised DCF of the Bayes decisions, to be read beside minDCF, the "
+        "same cost at the list's own best threshold. actDCF − minDCF and Cllr − minCllr are what calibration costs.",
+        "",
+        "| " + " | ".join(title for _, title in LLR_COLUMNS) + " |",
+        "|---|---|" + "---:|" * (len(LLR_COLUMNS) - 2),
+    ]
+    lines += ["| " + " | ".join(r[k] for k, _ in LLR_COLUMNS) + " |" for r in rows]
+    lines += ["", f"On {m['list']} itself Cllr and actDCF are optimistic: the map is fitted to it."]
+    return lines
 
 
 def render(system, exp, rows, cal, decisions, det_path, hist_path, page_dir=None):
@@ -73,6 +105,7 @@ def render(system, exp, rows, cal, decisions, det_path, hist_path, page_dir=None
     for r in rows:
         cells = [f"`{r[k]}`" if k in ("path", "sha256") else r[k] for k, _ in COLUMNS]
         lines.append("| " + " | ".join(cells) + " |")
+    lines += llr_section(rows, cal)
     t = cal["thresholds"]
     show = {k: "none: reject every trial" if v is None else f"{v:.6f}" for k, v in t.items()}
     lines += [

@@ -9,7 +9,9 @@ with --onnx the same parts as .onnx; and export.json: the checkpoint epoch, the 
 (torchaudio.compliance.kaldi.fbank keyword arguments, from --fbank-config, the options stage 1
 used), num_crops, crop_frames and the crop rule, each part's inputs and outputs, the files'
 SHA-256. Uses the newest checkpoint in <exp>/models. Each exported file is loaded back and
-checked against the model on inputs of another size than the export's example.
+checked against the model on inputs of another size than the export's example. The exported model
+computes in fp32: one `WARNING:` line says so when the scores that set <exp>/calibration.json's
+thresholds were computed at another precision (bf16 or fp16 on a GPU).
 """
 import argparse
 
