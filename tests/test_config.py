@@ -1,10 +1,13 @@
-"""Configs: paper vs mini differ only in scale keys; TAP/SAP/CAP differ only in the pooling."""
+"""Configs: paper vs mini and own differ only in scale keys; TAP/SAP/CAP differ only in the pooling."""
 import os
+import subprocess
 
 import pytest
+import torch
 import yaml
 
 from capsv.config import DEFAULTS, RANGES, SCALE_KEYS, flatten, load_config
+from capsv.data import EpisodicBatches
 from capsv.utils import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -16,15 +19,35 @@ def flat(path):
         return flatten(yaml.safe_load(f))
 
 
+@pytest.mark.parametrize("folder", ["conf/mini", "conf/own"])
 @pytest.mark.parametrize("pooling", POOLINGS)
-def test_mini_differs_from_paper_only_in_scale_keys(pooling):
-    paper, mini = flat(f"{ROOT}/conf/{pooling}.yaml"), flat(f"{ROOT}/conf/mini/{pooling}.yaml")
-    assert paper.keys() == mini.keys() == flatten(DEFAULTS).keys()   # every key spelt out
-    changed = {k for k in paper if paper[k] != mini[k]}
+def test_scaled_configs_differ_from_paper_only_in_scale_keys(folder, pooling):
+    paper, scaled = flat(f"{ROOT}/conf/{pooling}.yaml"), flat(f"{ROOT}/{folder}/{pooling}.yaml")
+    assert paper.keys() == scaled.keys() == flatten(DEFAULTS).keys()   # every key spelt out
+    changed = {k for k in paper if paper[k] != scaled[k]}
     assert changed <= SCALE_KEYS and changed, changed
 
 
-@pytest.mark.parametrize("folder", ["conf", "conf/mini"])
+def test_own_config_arithmetic_as_its_comment_states():
+    """conf/own for 300 speakers x 10 utterances: 8 batches an epoch (the training sampler's), 4,000 steps in
+    500 epochs, and the last 10 epochs at 0.001 x 0.95^49 (StepLR as training builds it); exp/own_cap."""
+    c = load_config(f"{ROOT}/conf/own/cap.yaml")["train"]
+    utt2spk = {f"s{s:03d}-u{u:02d}": f"s{s:03d}" for s in range(300) for u in range(10)}
+    batches = EpisodicBatches(utt2spk, c["speakers_per_batch"], c["utts_per_speaker"], seed=1)
+    per_epoch = [len(batches.epoch(e)) for e in (1, 2, 3)]
+    assert per_epoch == [8, 8, 8] and c["epochs"] * per_epoch[0] == 4000
+    opt = torch.optim.Adam([torch.zeros(1, requires_grad=True)], lr=c["lr"])
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=c["lr_decay_every"], gamma=c["lr_decay"])
+    for _ in range(c["epochs"] - 1):
+        opt.step()
+        sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(8.1e-5, rel=0.01)       # the last epoch's
+    name = subprocess.run(["bash", "steps/exp_name.sh", "conf/own/cap.yaml"], cwd=ROOT, capture_output=True,
+                          text=True, check=True).stdout.strip()
+    assert name == "own_cap"
+
+
+@pytest.mark.parametrize("folder", ["conf", "conf/mini", "conf/own"])
 def test_poolings_differ_only_in_pooling(folder):
     cfgs = {p: flat(f"{ROOT}/{folder}/{p}.yaml") for p in POOLINGS}
     for p in POOLINGS:

@@ -110,18 +110,58 @@ def test_stage0_vox1_o_counts_and_vox2_m4a_through_stage1(vox1, vox_features):
     assert feats.shape[1] == 40 and np.isfinite(feats).all() and feats.std() > 0.1
 
 
-@needs_list
-@needs_ffmpeg
-def test_vox1_o_scored_in_two_jobs_equals_one_job(vox_features, tmp_path):
-    """Stage 3 at Vox1-O's size (37,720 trials over 4,715 utterances): --nj 2 writes the same score file as
-    --nj 1. The model is trained one epoch on the fake vox2_dev; one short crop per utterance keeps it fast."""
+@pytest.fixture(scope="module")
+def vox_model(vox_features, tmp_path_factory):
+    """`run.sh --stage 2` after the VoxCeleb stages 0-1, with no corpus option: one epoch of a tiny config."""
+    tmp = tmp_path_factory.mktemp("vox_model")
     cfg = yaml.safe_load(open(os.path.join(ROOT, "conf/mini/cap.yaml")))
     cfg["train"].update(epochs=1, speakers_per_batch=3, num_workers=0)
-    (tmp_path / "vox_cap.yaml").write_text(yaml.safe_dump(cfg))
-    exp = tmp_path / "exp/vox_cap"
-    data = vox_features / "data"
-    r = run("steps/train.sh", "--config", tmp_path / "vox_cap.yaml", data / "vox2_dev", exp)
+    (tmp / "vox_cap.yaml").write_text(yaml.safe_dump(cfg))
+    r = run("run.sh", "--stage", "2", "--stop-stage", "2", "--config", tmp / "vox_cap.yaml",
+            "--data", vox_features / "data", "--exp", tmp / "exp")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return tmp / "exp/vox_cap", r
+
+
+@needs_list
+@needs_ffmpeg
+def test_stage2_without_corpus_options_trains_on_the_recorded_vox2_dev(vox_features, vox_model):
+    exp, r = vox_model
+    data = vox_features / "data"
+    assert f"the sets recorded in {data}/prepared: {data}/vox2_dev and {data}/vox1_test, VoxCeleb (--corpus " \
+        f"voxceleb --train-sets 'vox2_dev')" in r.stdout
+    from capsv.checkpoint import read_checkpoint
+    assert read_checkpoint(exp / "models/epoch_0001.pt")["speakers"] == ["id00001", "id00002", "id00003"]
+    assert "12 utterances, 3 speakers" in (exp / "log/train.log").read_text()
+
+
+@needs_list
+@needs_ffmpeg
+def test_an_option_naming_another_corpus_than_stage_0_prepared_is_one_line(vox_features, tmp_path):
+    data = vox_features / "data"
+    for opt, value in (("--corpus", "synth"), ("--train-sets", "vox2_dev vox1_dev")):
+        r = run("run.sh", "--stage", "2", opt, value, "--config", "conf/mini/cap.yaml", "--data", data,
+                "--exp", tmp_path / "exp")
+        given = f"{opt} '{value}'" if opt == "--train-sets" else f"{opt} {value}"
+        assert one_error_line(r) == (
+            f"run.sh: ERROR: {given} disagrees with {data}/prepared: stage 0 prepared VoxCeleb (--corpus voxceleb "
+            f"--train-sets 'vox2_dev') into {data}/vox2_dev and {data}/vox1_test; leave the option out to use "
+            f"those, or prepare the data you name from --stage 0 (or under another --data)")
+    assert not (tmp_path / "exp").exists()
+    # --synth-size matters only to the embedded corpus: passed along with VoxCeleb, it is not a contradiction
+    r = run("run.sh", "--stage", "3", "--synth-size", "small", "--config", "conf/mini/cap.yaml", "--data", data,
+            "--exp", tmp_path / "exp")
+    assert f"the sets recorded in {data}/prepared: {data}/vox2_dev" in r.stdout
+    assert f"{tmp_path}/exp/mini_cap/config.yaml not found; run stage 2" in one_error_line(r)
+
+
+@needs_list
+@needs_ffmpeg
+def test_vox1_o_scored_in_two_jobs_equals_one_job(vox_features, vox_model):
+    """Stage 3 at Vox1-O's size (37,720 trials over 4,715 utterances): --nj 2 writes the same score file as
+    --nj 1. The model is trained one epoch on the fake vox2_dev; one short crop per utterance keeps it fast."""
+    exp, _ = vox_model
+    data = vox_features / "data"
     scores = {}
     for nj in (1, 2):
         r = run("steps/score.sh", "--nj", nj, exp, data / "vox1_test", "eval.num_crops=2", "eval.crop_frames=40")
