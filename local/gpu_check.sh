@@ -25,24 +25,22 @@ cmdline="bash local/gpu_check.sh $*"
 for v in CAPSV_PYTHON PIP_NO_INDEX; do [ -z "${!v:-}" ] || cmdline="$v=${!v} $cmdline"; done
 cd "$(dirname "$0")/.."
 
-out=""           # the folder for gpu_check.md (the table) and gpu_check.log; required
+out=""           # the folder for gpu_check.md (the table) and gpu_check.log (default: the work dir)
 work=""          # corpus, features, experiments, each part's log (default: a new /tmp/gpu_check.*)
 dry_run=false    # the same parts on the CPU at toy sizes
 budget_s=""      # the whole check ends within this many seconds (default 540; 1800 with --dry-run)
 wheels=wheels    # with CAPSV_PYTHON: wheels of what that Python lacks (bash local/gpu_wheels.sh)
-help_message="usage: [CAPSV_PYTHON=python3] bash local/gpu_check.sh --out DIR [--work DIR] [--dry-run true]
+help_message="usage: [CAPSV_PYTHON=python3] bash local/gpu_check.sh [--out DIR] [--work DIR] [--dry-run true]
        [--budget-s S] [--wheels DIR]"
 
 . steps/parse_options.sh || exit 1
 [ $# -eq 0 ] || { echo "gpu_check.sh: ERROR: unexpected argument '$1'; $help_message" >&2; exit 1; }
-[ -n "$out" ] || { echo "gpu_check.sh: ERROR: --out DIR is required (the table goes there); $help_message" >&2; exit 1; }
-case $dry_run in true|false) ;; *) echo "gpu_check.sh: ERROR: --dry-run must be true or false, got '$dry_run'" >&2; exit 1 ;; esac
 abs() { case $1 in /*) echo "$1" ;; *) echo "$caller/$1" ;; esac; }
-out=$(abs "$out")
 [ "$wheels" = wheels ] && wheels=$PWD/wheels || wheels=$(abs "$wheels")
 made_work=false
 if [ -z "$work" ]; then work=$(mktemp -d /tmp/gpu_check.XXXXXX); made_work=true; fi
 work=$(abs "$work")
+[ -n "$out" ] && out=$(abs "$out") || out=$work
 mkdir -p "$work/logs"
 rm -rf "$work/rows" "$work/status.tsv"   # a re-run in the same work dir starts its table afresh
 t_start=$(date +%s)
