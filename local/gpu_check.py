@@ -134,9 +134,9 @@ def part_recipe(a, rows):
     opts = recipe_opts(device, a.dry_run)
 
     def recipe(epochs, *args):
-        return ["bash", "run.sh", "--synth-size", "tiny", "--nj", "1" if a.dry_run else "2", "--data", f"{w}/data", "--fbankdir", f"{w}/fbank",
-                "--corpusdir", f"{w}/corpus", "--exp", f"{w}/exp", "--train-opts", f"{opts} train.epochs={epochs}",
-                *args]
+        return ["bash", "run.sh", "--synth-size", "tiny", "--nj", "1" if a.dry_run else "2", "--data", f"{w}/data",
+                "--fbankdir", f"{w}/fbank", "--corpusdir", f"{w}/corpus", "--exp", f"{w}/exp",
+                "--train-opts", f"{opts} train.epochs={epochs}", *args]
     log = f"{w}/exp/mini_cap/log/train.log"
     t0 = time.time()
     run(recipe(2, "--stop-stage", "2"), "recipe_0-2", w)
@@ -150,7 +150,8 @@ def part_recipe(a, rows):
     text = open(log).read()
     expect(text, r"resuming from .* epoch 2", "the resumed run's log")
     m = expect(text, r"epoch 3: loss ([\d.]+).* ([\d.]+) s, data wait", "the resumed run's log")
-    rows.add("stage 2 resumed: 3rd epoch", f"{float(m.group(2)):.0f} s", f"resumed from epoch 2; epoch 3 loss {m.group(1)}")
+    rows.add("stage 2 resumed: 3rd epoch", f"{float(m.group(2)):.0f} s",
+             f"resumed from epoch 2; epoch 3 loss {m.group(1)}")
     res = [line.split() for line in open(f"{w}/exp/mini_cap/results.txt") if not line.startswith("#")]
     eer, dcf = res[0][1], res[0][2]
     meta = json.load(open(glob.glob(f"{w}/exp/mini_cap/scores/*.score.json")[0]))
