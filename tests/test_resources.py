@@ -18,7 +18,8 @@ def host(tmp_path, monkeypatch):
     monkeypatch.setattr(resources, "MEMINFO", str(tmp_path / "meminfo"))
     monkeypatch.setattr(resources, "PROC_SELF_CGROUP", str(tmp_path / "cgroup"))
     monkeypatch.setattr(resources, "CGROUP_ROOT", str(tmp_path / "root"))
-    for k in ("SLURM_MEM_PER_NODE", "SLURM_MEM_PER_CPU", "SLURM_CPUS_ON_NODE", "CAPSV_CONCURRENT_JOBS"):
+    for k in ("SLURM_MEM_PER_NODE", "SLURM_MEM_PER_CPU", "SLURM_MEM_PER_GPU", "SLURM_CPUS_ON_NODE", "SLURM_GPUS_ON_NODE",
+              "CAPSV_CONCURRENT_JOBS"):
         monkeypatch.delenv(k, raising=False)
     return tmp_path
 
@@ -65,6 +66,7 @@ def test_cgroup_v1_limit(host):
 @pytest.mark.parametrize("env,limit", [
     ({"SLURM_MEM_PER_NODE": "4096"}, 4 * GB),
     ({"SLURM_MEM_PER_CPU": "1024", "SLURM_CPUS_ON_NODE": "3"}, 3 * GB),
+    ({"SLURM_MEM_PER_GPU": "2048", "SLURM_GPUS_ON_NODE": "2"}, 4 * GB),
 ])
 def test_slurm_memory_of_the_job(host, monkeypatch, env, limit):
     """A cluster without cgroups: the job's --mem (or --mem-per-cpu x CPUs), less what this process holds."""

@@ -7,8 +7,9 @@ at, the smallest headroom winning:
 - the cgroup of this process (v2 `memory.max`, v1 `memory.limit_in_bytes`), and those above it up
   to the root (Slurm puts the job's limit on the job's cgroup and the task in one below it); the
   usage counted against it leaves out the page cache, which the kernel gives back under pressure;
-- Slurm's `SLURM_MEM_PER_NODE`, or `SLURM_MEM_PER_CPU` x the job's CPUs on this node (MB), less what
-  this process holds (a cluster without cgroups still kills a job that goes over);
+- Slurm's `SLURM_MEM_PER_NODE`, or `SLURM_MEM_PER_CPU` x the job's CPUs on this node, or
+  `SLURM_MEM_PER_GPU` x its GPUs there (MB), less what this process holds (a cluster without
+  cgroups still kills a job that goes over);
 - the host's available memory (`MemAvailable`).
 
 Jobs of one launch that run at once on one machine (steps/launch_local.sh sets
@@ -101,8 +102,8 @@ def _own_rss():
 
 
 def slurm_headroom(env=None, rss=None):
-    """What the Slurm job's memory (SLURM_MEM_PER_NODE, or SLURM_MEM_PER_CPU x CPUs on this node; MB)
-    leaves this process, or None outside a job with a memory request."""
+    """What the Slurm job's memory (SLURM_MEM_PER_NODE, or SLURM_MEM_PER_CPU x CPUs, or SLURM_MEM_PER_GPU x
+    GPUs on this node; MB) leaves this process, or None outside a job with a memory request."""
     env = os.environ if env is None else env
     rss = _own_rss() if rss is None else rss
     if env.get("SLURM_MEM_PER_NODE", "").isdigit():
@@ -110,6 +111,9 @@ def slurm_headroom(env=None, rss=None):
     elif env.get("SLURM_MEM_PER_CPU", "").isdigit():
         cpus = next((int(env[k]) for k in ("SLURM_CPUS_ON_NODE", "SLURM_CPUS_PER_TASK") if env.get(k, "").isdigit()), 1)
         mb, how = int(env["SLURM_MEM_PER_CPU"]) * cpus, f"SLURM_MEM_PER_CPU x {cpus} CPUs"
+    elif env.get("SLURM_MEM_PER_GPU", "").isdigit():
+        gpus = int(env["SLURM_GPUS_ON_NODE"]) if env.get("SLURM_GPUS_ON_NODE", "").isdigit() else 1
+        mb, how = int(env["SLURM_MEM_PER_GPU"]) * gpus, f"SLURM_MEM_PER_GPU x {gpus} GPUs"
     else:
         return None
     if mb == 0:            # --mem=0: the whole node, which the other limits describe
