@@ -228,7 +228,7 @@ def test_fake_signal_while_polling_cancels(fake, sig):
     """A signal while squeue runs (a slow one) cancels the job at once and ends the launcher with it."""
     env, rec = fake
     env = dict(env, FAKE_STATE="RUNNING", FAKE_SQUEUE_SLEEP="30")
-    p = start_launcher(["JOB=1:2", rec / "u.JOB.log", "sleep", "1"], env)
+    p = start_launcher(["JOB=1:2", rec / "u.JOB.log", "true"], env)
     wait_until(lambda: calls(rec, "squeue"), "the first squeue")
     t = time.time()
     p.send_signal(sig)
@@ -256,7 +256,7 @@ def test_fake_requeued_job_is_followed(fake):
     """Preempted, then pending and running again: the launcher waits for the second start, whose log
     continues the first one's."""
     env, rec = fake
-    (rec / "states").write_text("1 RUNNING\n1 PREEMPTED\n1 PENDING\n1 RUNNING\n1 COMPLETED\n")
+    (rec / "states").write_text("1 PREEMPTED\n1 PENDING\n1 COMPLETED\n")
     prog = f"[ -e {rec}/first ] || {{ touch {rec}/first; echo first start; exit 143; }}; echo second start"
     r = launch("JOB=1:1", rec / "q.JOB.log", "bash", "-c", prog, env=dict(env, FAKE_RESTART="1"))
     assert r.returncode == 0, r.stderr
@@ -336,19 +336,19 @@ printf '%s\\n' "$@" > "$(dirname "$0")/launcher.args"
     # a cluster launcher: one GPU by default, and the pre-flight passes with device=cuda on a host without one
     ([], ["--gpu", "1"], ["python", "-m", "capsv.bin.train"]),
     (["--ngpu", "0"], ["--gpu", "0"], ["python", "-m", "capsv.bin.train"]),
-    # M nodes x N GPUs: one job, one torchrun per node started by srun
-    (["--ngpu", "2", "--nnodes", "2"], ["--gpu", "2", "--nodes", "2"],
-     ["steps/srun_torchrun.sh", "2", "-m", "capsv.bin.train"]),
+    # (M nodes x N GPUs as one job: test_slurm_srun_torchrun on a real cluster)
 ])
 def test_train_asks_cluster_for_gpus(tmp_path, opts, launcher_opts, program):
     tiny_feats_dir(tmp_path / "data")
     (tmp_path / "launcher").write_text(RECORDING_LAUNCHER)
     (tmp_path / "launcher").chmod(0o755)
     cpu_only = opts == ["--ngpu", "0"]
+    cfg = yaml.safe_load(open(f"{ROOT}/conf/mini/cap.yaml"))
+    cfg["device"] = "auto" if cpu_only else "cuda"   # a GPU config, checked on this host without a GPU
+    (tmp_path / "gpu.yaml").write_text(yaml.safe_dump(cfg))
     r = subprocess.run(["steps/train.sh", "--cluster", "slurm", "--cmd", str(tmp_path / "launcher"), *opts,
-                        "--config", "conf/mini/cap.yaml", str(tmp_path / "data"), str(tmp_path / "exp"),
-                        "train.speakers_per_batch=4", *([] if cpu_only else ["device=cuda"])],
-                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+                        "--config", str(tmp_path / "gpu.yaml"), str(tmp_path / "data"), str(tmp_path / "exp"),
+                        "train.speakers_per_batch=4"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     args = (tmp_path / "launcher.args").read_text().splitlines()
     log = args.index(str(tmp_path / "exp" / "log" / "train.log"))
@@ -388,12 +388,29 @@ def test_usage_errors(fake, args, msg):
 
 
 def test_cmd_slurm_conf():
-    """conf/cmd_slurm.sh sets both launchers to launch_slurm.sh with memory and time."""
-    r = subprocess.run(["bash", "-c", '. conf/cmd_slurm.sh && echo "$feat_cmd" && echo "$train_cmd"'],
-                       capture_output=True, text=True, cwd=ROOT)
-    feat, train = r.stdout.splitlines()
-    for c in (feat, train):
-        assert c.split()[0] == "steps/launch_slurm.sh" and "--mem" in c and "--time" in c
+    """conf/cmd_slurm.sh: Slurm launchers stating CPUs, memory and time for each kind of job; conf/cmd.sh: local."""
+    show = '. {} && echo "$cluster" && echo "$feat_cmd" && echo "$train_cmd" && echo "$score_cmd"'
+    r = subprocess.run(["bash", "-c", show.format("conf/cmd_slurm.sh")], capture_output=True, text=True, cwd=ROOT)
+    cluster, feat, train, score = r.stdout.splitlines()
+    assert cluster == "slurm"
+    for c in (feat, train, score):
+        assert c.split()[0] == "steps/launch_slurm.sh" and "--time" in c.split()
+    assert "--mem" in feat.split()
+    assert {"--cpus-per-gpu", "--mem-per-gpu"} <= set(train.split()) and "--time 48:00:00" in train
+    assert {"--num-threads", "--mem"} <= set(score.split())
+    r = subprocess.run(["bash", "-c", show.format("conf/cmd.sh")], capture_output=True, text=True, cwd=ROOT)
+    assert r.stdout.split() == ["none"] + ["steps/launch_local.sh"] * 3
+
+
+def test_cmd_conf_without_cluster(tmp_path):
+    """A cmd conf that does not say whether its launchers submit to a cluster: known launchers are
+    recognised by name, another is one line asking for cluster=."""
+    (tmp_path / "cmd.sh").write_text('export train_cmd="my_queue.pl --mem 4G"\nexport feat_cmd="$train_cmd"\n')
+    r = subprocess.run(["bash", "run.sh", "--cmd-conf", str(tmp_path / "cmd.sh"), "--stage", "4",
+                        "--data", str(tmp_path / "data")], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 1 and r.stderr.strip().splitlines() == [
+        f"run.sh: ERROR: {tmp_path}/cmd.sh: set cluster=none (jobs run on this machine) or cluster=slurm "
+        "(jobs are submitted to Slurm) for train_cmd 'my_queue.pl --mem 4G'"]
 
 
 # ---------------------------------------------------------------- a real Slurm
