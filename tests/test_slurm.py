@@ -570,8 +570,9 @@ def slurm_run_sh(tmp, exp, *args, conf=LOCAL_CONF, **kw):
     cmd = ["bash", "run.sh", "--synth-size", "tiny", "--cmd-conf", conf, "--config", f"{tmp}/tiny_cap.yaml",
            "--data", f"{tmp}/data", "--exp", f"{tmp}/{exp}", "--fbankdir", f"{tmp}/fbank",
            "--corpusdir", f"{tmp}/corpus", *args]
-    if kw.get("background"):
-        return subprocess.Popen(cmd, cwd=ROOT, stdout=kw["out"], stderr=subprocess.STDOUT, text=True)
+    if kw.get("background"):   # Ctrl-C reaches it however this process was started (see start_launcher)
+        return subprocess.Popen(cmd, cwd=ROOT, stdout=kw["out"], stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
 
 
@@ -588,19 +589,31 @@ def slurm_recipe(tmp_path_factory):
     out = open(tmp / "run.out", "w")
     p = slurm_run_sh(tmp, "exp", background=True, out=out)
     models = tmp / "exp" / "tiny_cap" / "models"
-    wait_until(lambda: (models / "epoch_0001.pt.sha256").exists() or p.poll() is not None, "epoch 1", timeout=400)
-    assert p.poll() is None, (tmp / "run.out").read_text()[-3000:]
-    # freeze the training where it is (inside epoch 2), then have Slurm requeue its job
-    training = [q for q in pids_of("capsv.bin.train", str(models.parent))
-                if argv(q)[0].rsplit("/", 1)[-1].startswith("python") and "--check" not in argv(q)]
-    for q in training:
-        os.kill(q, signal.SIGSTOP)
-    assert training and not (models / "epoch_0002.pt").exists(), "not stopped inside epoch 2"
-    jobid = next((models.parent / "log" / "slurm").glob("train.*.out")).name.split(".")[1]
-    r = subprocess.run(["scontrol", "requeue", jobid], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    p.wait(timeout=600)
-    out.close()
+    training = []
+    try:
+        wait_until(lambda: (models / "epoch_0001.pt.sha256").exists() or p.poll() is not None, "epoch 1", timeout=400)
+        assert p.poll() is None, (tmp / "run.out").read_text()[-3000:]
+        # freeze the training where it is (inside epoch 2), then have Slurm requeue its job
+        training = [q for q in pids_of("capsv.bin.train", str(models.parent))
+                    if argv(q)[0].rsplit("/", 1)[-1].startswith("python") and "--check" not in argv(q)]
+        for q in training:
+            os.kill(q, signal.SIGSTOP)
+        assert training and not (models / "epoch_0002.pt").exists(), "not stopped inside epoch 2"
+        jobid = next((models.parent / "log" / "slurm").glob("train.*.out")).name.split(".")[1]
+        r = subprocess.run(["scontrol", "requeue", jobid], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        p.wait(timeout=600)
+    except BaseException:
+        for q in training:   # nothing stopped or running is left behind: Ctrl-C cancels the job
+            try:
+                os.kill(q, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+        os.killpg(p.pid, signal.SIGINT)   # as Ctrl-C in a terminal
+        p.wait(timeout=60)
+        raise
+    finally:
+        out.close()
     return tmp, p.returncode, (tmp / "run.out").read_text(), jobid
 
 
@@ -651,6 +664,28 @@ def test_slurm_requeued_training_is_identical(slurm_recipe):
     b = torch.load(tmp / "exp/tiny_cap/models/epoch_0002.pt", weights_only=True, map_location="cpu")
     for k, v in a["model"].items():
         assert torch.equal(v, b["model"][k]), k
+
+
+@needs_slurm
+def test_slurm_dropped_session_cancels_training(slurm_recipe):
+    """The ssh session of a run in stage 2 drops (HUP to its process group, as the terminal's hangup sends):
+    run.sh, train.sh and the launcher end, and the training job is cancelled."""
+    tmp, rc, out, _ = slurm_recipe
+    assert rc == 0, out[-4000:]
+    with open(tmp / "hup.out", "w") as f:
+        p = slurm_run_sh(tmp, "exp_hup", "--stage", "2", "--stop-stage", "2", "--train-opts", "train.epochs=50",
+                         background=True, out=f)
+    log = tmp / "exp_hup/tiny_cap/log/train.log"
+    wait_until(lambda: log.exists() and "# Started at" in log.read_text() or p.poll() is not None, "training to start",
+               timeout=120)
+    assert p.poll() is None, (tmp / "hup.out").read_text()[-3000:]
+    jobid = next((log.parent / "slurm").glob("train.*.out")).name.split(".")[1]
+    t0 = time.time()
+    os.killpg(p.pid, signal.SIGHUP)
+    p.wait(timeout=30)
+    assert_gone_within(jobid, t0)
+    wait_until(lambda: not pids_of(str(tmp / "exp_hup")), "the run's processes to end", timeout=10)
+    assert "interrupted (SIGHUP); cancelled Slurm job" in (tmp / "hup.out").read_text()
 
 
 def slurm_nodes():
