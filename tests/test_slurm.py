@@ -358,6 +358,28 @@ def test_train_asks_cluster_for_gpus(tmp_path, opts, launcher_opts, program):
     assert ("device=cpu" in args) == cpu_only
 
 
+@pytest.mark.parametrize("opts,gpu", [([], True), (["--ngpu", "0"], False), (["--score-gpu", "false"], False),
+                                      (["--ngpu", "0", "--score-gpu", "true"], True)])
+def test_score_jobs_ask_for_a_gpu_as_training_did(tmp_path, opts, gpu):
+    """Stage 3 on a cluster: each job asks for a GPU when training did (or as --score-gpu says); a job
+    without one scores with device=cpu."""
+    (tmp_path / "launcher").write_text(RECORDING_LAUNCHER + "exit 1\n")
+    (tmp_path / "launcher").chmod(0o755)
+    (tmp_path / "cmd.sh").write_text(f"cluster=slurm\ntrain_cmd=steps/launch_slurm.sh\nfeat_cmd=$train_cmd\n"
+                                     f"score_cmd='{tmp_path}/launcher --mem 2G'\n")
+    (tmp_path / "data/synth_test").mkdir(parents=True)
+    (tmp_path / "data/synth_test/trials").write_text("a b target\n")
+    (tmp_path / "exp/mini_cap").mkdir(parents=True)
+    (tmp_path / "exp/mini_cap/config.yaml").write_text("{}\n")
+    r = subprocess.run(["bash", "run.sh", "--cmd-conf", str(tmp_path / "cmd.sh"), "--stage", "3", "--stop-stage", "3",
+                        "--data", str(tmp_path / "data"), "--exp", str(tmp_path / "exp"), *opts],
+                       cwd=ROOT, env=ENV, capture_output=True, text=True)
+    assert r.returncode == 1 and "scoring failed" in r.stderr
+    args = (tmp_path / "launcher.args").read_text().splitlines()
+    assert args[:2] == ["--mem", "2G"] and (args[2:4] == ["--gpu", "1"]) == gpu
+    assert ("device=cpu" in args) == (not gpu)
+
+
 def test_sbatch_missing(tmp_path):
     """PATH with every usual command except Slurm's: one clear line."""
     bin_dir = tmp_path / "bin"
