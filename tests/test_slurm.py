@@ -680,7 +680,10 @@ def test_slurm_requeued_training_is_identical(slurm_recipe):
     (here, on the same CPUs; training on one machine is bit-deterministic)."""
     tmp, rc, out, _ = slurm_recipe
     assert rc == 0, out[-4000:]
-    r = slurm_run_sh(tmp, "exp_ref", "--stage", "2", "--stop-stage", "2", conf="conf/cmd.sh")
+    # the same training in one go here, as the job runs it
+    r = subprocess.run(["python", "-m", "capsv.bin.train", "--config", f"{tmp}/tiny_cap.yaml", "--data",
+                        f"{tmp}/data/synth_train", "--exp", f"{tmp}/exp_ref/tiny_cap"],
+                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     a = torch.load(tmp / "exp_ref/tiny_cap/models/epoch_0002.pt", weights_only=True, map_location="cpu")
     b = torch.load(tmp / "exp/tiny_cap/models/epoch_0002.pt", weights_only=True, map_location="cpu")
