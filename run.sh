@@ -39,10 +39,12 @@ fbankdir=fbank              # feature archives
 fbank_conf=                 # stage 1's Kaldi fbank options (default conf/fbank.conf; conf/fbank_8k.conf: 8 kHz audio)
 corpusdir=corpus            # generated audio
 train_opts=""               # extra config overrides for training, e.g. "train.epochs=2 device=cpu"
-ngpu=0                      # training GPUs per node: 0/1 one process; N > 1 torchrun with N ranks (DDP)
-nnodes=1                    # training nodes; run stage 2 on each with its --node-rank
+ngpu=                       # training GPUs per node: 0/1 one process; N > 1 torchrun with N ranks (DDP); empty: 1 on
+                            # a cluster (conf/cmd_slurm.sh), else 0 (one process, this machine's GPU if any)
+nnodes=1                    # training nodes: one Slurm job of them all, or without Slurm run stage 2 on each with --node-rank
 node_rank=0                 # this node's index (node 0 hosts the rendezvous)
-rdzv_endpoint=""            # --nnodes > 1: HOST:PORT of node 0 for torchrun's c10d rendezvous
+rdzv_endpoint=""            # --nnodes > 1 without Slurm: HOST:PORT of node 0 for torchrun's c10d rendezvous
+score_gpu=                  # stage 3 jobs on a cluster ask for a GPU each: true | false; empty: as training (--ngpu > 0)
 asnorm=false                # stage 3 also writes AS-norm scores (<list>.asnorm.score), cohort from the train set
 calibration_list=trials     # stage 4: the test set's trial list whose raw scores fit the LLR map and verify's thresholds
 
@@ -64,9 +66,12 @@ help_message="Usage: bash run.sh [options]
                                (--fbank-conf from stage 1), and one given later must agree with the record
   --data DIR --exp DIR --fbankdir DIR --corpusdir DIR   where things go (defaults data exp fbank corpus)
   --train-opts 'k=v ...'       config overrides for training, e.g. 'train.epochs=2'
-  --ngpu N                     training GPUs per node (default $ngpu); N > 1: torchrun + DDP, same global batch
-  --nnodes M --node-rank K --rdzv-endpoint HOST:PORT   multi-node training: on every node
+  --ngpu N                     training GPUs per node (default: 1 on a cluster, else 0 = one process, a GPU if
+                               there is one); N > 1: torchrun + DDP, same global batch; on a cluster 0 trains on CPUs
+  --nnodes M                   training nodes; on Slurm one job of M nodes x N GPUs (srun + torchrun)
+  --node-rank K --rdzv-endpoint HOST:PORT   multi-node training without Slurm: on every node
                                bash run.sh --stage 2 --stop-stage 2 --ngpu N --nnodes M --node-rank K ...
+  --score-gpu true|false       on a cluster, each stage-3 job asks for a GPU (default: when training asks for GPUs)
   --asnorm true|false          stage 3 also AS-norm normalises every list, the cohort one utterance per training
                                speaker (eval.cohort_size, eval.asnorm_top_k; default $asnorm)
   --calibration-list NAME      trial list of the test set (trials, trials_<x>) that calibrates: the LLR map (Cllr, actDCF,
@@ -88,7 +93,18 @@ done
 [ "$stop_stage" -ge "$stage" ] || die "--stop-stage $stop_stage is below --stage $stage; nothing would run"
 [ -f "$config" ] || die "--config $config: no such file; see conf/ and conf/mini/"
 [ -f "$cmd_conf" ] || die "--cmd-conf $cmd_conf: no such file; see conf/cmd.sh"
+cluster=""; score_cmd=""
 . "$cmd_conf"
+# What the launchers do: run jobs here (none) or submit them to Slurm; a cmd conf names it
+# (cluster=none|slurm), or it follows from the training launcher's name.
+if [ -z "$cluster" ]; then
+  case $(basename "${train_cmd%% *}") in
+    launch_local.sh|run.pl) cluster=none ;;
+    launch_slurm.sh|slurm.pl) cluster=slurm ;;
+    *) die "$cmd_conf: set cluster=none (jobs run on this machine) or cluster=slurm (jobs are submitted to Slurm) for train_cmd '$train_cmd'" ;;
+  esac
+fi
+score_cmd=${score_cmd:-$train_cmd}
 [[ $nj =~ ^[1-9][0-9]*$ ]] || die "--nj must be a positive integer, got '$nj'"
 
 # The exp dir is named after the config: conf/mini/cap.yaml -> mini_cap; a config elsewhere in
@@ -228,7 +244,7 @@ fi
 
 if [ $stage -le 2 ] && [ $stop_stage -ge 2 ]; then
   log "stage 2: training $config into $expdir (resumes from its newest checkpoint; log $expdir/log/train.log)"
-  steps/train.sh --cmd "$train_cmd" --ngpu "$ngpu" --nnodes "$nnodes" --node-rank "$node_rank" \
+  steps/train.sh --cmd "$train_cmd" --cluster "$cluster" --ngpu "$ngpu" --nnodes "$nnodes" --node-rank "$node_rank" \
     --rdzv-endpoint "$rdzv_endpoint" --config "$config" "$train_dir" "$expdir" ${overrides[@]+"${overrides[@]}"}
 fi
 
@@ -238,8 +254,18 @@ if [ $stage -le 3 ] && [ $stop_stage -ge 3 ]; then
     false) score_opts=(); what= ;;
     *) die "--asnorm must be true or false, got '$asnorm'" ;;
   esac
+  # On a cluster each job asks for a GPU, or scores on its CPUs (device=cpu: never a GPU it did not ask for)
+  score_launch=$score_cmd; score_args=()
+  if [ "$cluster" != none ]; then
+    case ${score_gpu:-$([ "${ngpu:-1}" != 0 ] && echo true || echo false)} in
+      true) score_launch+=" --gpu 1"; what+=", a GPU each" ;;
+      false) score_args=(device=cpu) ;;
+      *) die "--score-gpu must be true or false, got '$score_gpu'" ;;
+    esac
+  fi
   log "stage 3: scoring every trial list of $test_dir with $expdir ($nj jobs)$what"
-  steps/score.sh --nj "$nj" --cmd "$train_cmd" ${score_opts[@]+"${score_opts[@]}"} "$expdir" "$test_dir"
+  steps/score.sh --nj "$nj" --cmd "$score_launch" ${score_opts[@]+"${score_opts[@]}"} "$expdir" "$test_dir" \
+    ${score_args[@]+"${score_args[@]}"}
 fi
 
 if [ $stage -le 4 ] && [ $stop_stage -ge 4 ]; then

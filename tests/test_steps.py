@@ -1,6 +1,8 @@
 """The shell steps: parse_options.sh, launch_local.sh, validate_data_dir.sh, make_fbank.sh."""
 import os
+import signal
 import subprocess
+import time
 
 import kaldiio
 import numpy as np
@@ -115,6 +117,50 @@ def test_launch_local_max_jobs(tmp_path):
            tmp_path / "z.JOB.log", "true")
     assert r.returncode == 0, r.stderr
     assert len(list(tmp_path.glob("z.*.log"))) == 4
+
+
+def running(marker):
+    """Pids of live (not zombie) processes whose command line starts with `marker`."""
+    pids = []
+    for p in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{p}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode()
+            with open(f"/proc/{p}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+        except (OSError, ValueError, IndexError):
+            continue
+        if cmd.startswith(marker) and state != "Z":
+            pids.append(int(p))
+    return pids
+
+
+@pytest.mark.parametrize("sig,parent_ignores_int", [
+    (signal.SIGINT, False), (signal.SIGINT, True), (signal.SIGTERM, False), (signal.SIGHUP, False)])
+def test_launch_local_signal_stops_jobs(tmp_path, sig, parent_ignores_int):
+    """INT, TERM or HUP stop every job, pipelines included, and end the launcher with that signal; the
+    logs still get their footers. The launcher is started with SIGINT at its default action even when
+    this process ignores it (as pytest in the background of a non-interactive shell does)."""
+    marker = f"{time.time() % 1000:.6f}"   # a sleep only this test runs
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if parent_ignores_int else None
+    try:
+        p = subprocess.Popen([f"{STEPS}/launch_local.sh", "JOB=1:2", str(tmp_path / "s.JOB.log"), "bash", "-c",
+                              f"sleep 3{marker} | cat"], cwd=ROOT, env=ENV, stderr=subprocess.PIPE, text=True,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    finally:
+        if parent_ignores_int:
+            signal.signal(signal.SIGINT, previous)
+    deadline = time.time() + 30
+    while len(running(f"sleep 3{marker}")) < 2:
+        assert time.time() < deadline, "the jobs did not start"
+        time.sleep(0.05)
+    p.send_signal(sig)
+    _, err = p.communicate(timeout=20)
+    assert p.returncode == -sig, err
+    assert f"interrupted (SIG{sig.name[3:]}); stopped the jobs" in err
+    assert not running(f"sleep 3{marker}")
+    for j in (1, 2):
+        assert (tmp_path / f"s.{j}.log").read_text().splitlines()[-1].startswith("# Ended (code 143)")
 
 
 # ---------------------------------------------------------------- validate_data_dir.sh

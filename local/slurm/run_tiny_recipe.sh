@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Demo of the recipe's Slurm path on this machine: starts the single-node test cluster
 # (start_local_cluster.sh, as root), then runs run.sh stages 0-4 on the tiny embedded corpus with
-# conf/cmd_slurm.sh, so features (stage 1), training (stage 2) and scoring (stage 3) are Slurm jobs
+# local/slurm/cmd_local_cluster.sh (conf/cmd_slurm.sh sized for this 2-CPU cluster), so features
+# (stage 1), training (stage 2, one GPU asked for) and scoring (stage 3) are Slurm jobs
 # (steps/launch_slurm.sh). Then shows the jobs Slurm ran, their logs and the results.
 #   bash local/slurm/run_tiny_recipe.sh [work-dir]      (default /tmp/capsv_slurm_demo; a few minutes)
 # Everything goes under the work dir, including a tiny training config (conf/mini/cap.yaml with
@@ -35,13 +36,13 @@ PY
 
 first_job=$(( $(scontrol show config | sed -n 's/^NEXT_JOB_ID *= *//p') ))
 set -x
-bash run.sh --synth-size tiny --cmd-conf conf/cmd_slurm.sh --config "$work/conf/mini/cap.yaml" \
+bash run.sh --synth-size tiny --cmd-conf local/slurm/cmd_local_cluster.sh --config "$work/conf/mini/cap.yaml" \
   --data "$work/data" --exp "$work/exp" --fbankdir "$work/fbank" --corpusdir "$work/corpus"
 { set +x; } 2>/dev/null
 
 echo
 echo "== the recipe's Slurm jobs (squeue -t all keeps finished jobs for a few minutes)"
-squeue -t all -o '%.10i %.24j %.10T %.8M %.5C %.8m %R' |
+squeue -t all -o '%.10i %.24j %.10T %.8M %.5C %.8m %.12b %R' |
   awk -v f="$first_job" 'NR == 1 || $1 + 0 >= f'
 echo
 echo "== per-job logs (written by the jobs) and Slurm's own output files"

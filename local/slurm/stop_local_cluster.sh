@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Stop the single-node test cluster started by local/slurm/start_local_cluster.sh: slurmctld and
+# Stop the test cluster started by local/slurm/start_local_cluster.sh: slurmctld and each node's
 # slurmd (scontrol shutdown), then munged, each by the id in its pid file. The config and the
 # state stay, so start_local_cluster.sh brings the same cluster back. A cluster whose slurm.conf
 # this script's partner did not write is left alone.
@@ -20,12 +20,14 @@ alive() {
   local p; p=$(cat "$1" 2>/dev/null) && [ -n "$p" ] && [[ $(ps -o stat= -p "$p" 2>/dev/null) =~ ^[^Z] ]] && echo "$p"
 }
 
+daemons=(/run/slurmctld.pid /run/slurmd*.pid)   # one slurmd per node
 scontrol shutdown 2>/dev/null || true
 for _ in $(seq 30); do
-  alive /run/slurmctld.pid > /dev/null || alive /run/slurmd.pid > /dev/null || break
+  up=0; for f in "${daemons[@]}"; do alive "$f" > /dev/null && up=1; done
+  [ "$up" -eq 1 ] || break
   sleep 1
 done
-for f in /run/slurmd.pid /run/slurmctld.pid /run/munge/munged.pid; do
+for f in "${daemons[@]}" /run/munge/munged.pid; do
   if p=$(alive "$f"); then kill "$p"; fi   # what scontrol did not stop, and munged
 done
 echo "$prog: stopped slurmctld, slurmd and munged (config kept in $conf)"

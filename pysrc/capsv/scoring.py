@@ -110,15 +110,10 @@ def build_cache(net, utts, batches, device, mem_bytes=None, spill_dir=None):
 
 
 def default_budget(device):
-    """Bytes a cache may hold: half of the free GPU memory, or half of the available RAM."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0] // 2
-    try:
-        with open("/proc/meminfo") as f:
-            info = dict(line.split(":", 1) for line in f)
-        return int(info["MemAvailable"].split()[0]) * 1024 // 2
-    except (OSError, KeyError, ValueError):
-        return 4 << 30
+    """Bytes a cache may hold: half of this job's share of the GPU's or the host's memory, the job's own
+    limit (cgroup, Slurm) counting before the host's (capsv.resources.scoring_budget)."""
+    from capsv import resources
+    return resources.scoring_budget(device)
 
 
 class ScoringCache:
