@@ -6,7 +6,8 @@
 #            (the embedded corpus, VoxCeleb from local copies, or a copy of your own data dirs)
 #   stage 1  fbank features       data/<set>/{feats.scp,utt2num_frames}, arks under fbank/
 #   stage 2  training             exp/<name>/{config.yaml,models/,log/train.log,train_log.csv}
-#   stage 3  scoring              exp/<name>/scores/<test-set>[_<list>].score, one per trial list
+#   stage 3  embeddings, scoring  exp/<name>/embeddings/<test-set>/embedding.{scp,json} (each utterance through
+#                                 the trunk once), then exp/<name>/scores/<test-set>[_<list>].score, one per list
 #   stage 4  metrics              exp/<name>/{results.txt,det.png}, a line and a curve per list
 #
 #   bash run.sh --corpus voxceleb --voxceleb1-root /data/voxceleb1 --voxceleb2-root /data/voxceleb2 \
@@ -161,11 +162,15 @@ fi
 
 if [ $stage -le 3 ] && [ $stop_stage -ge 3 ]; then
   case $asnorm in
-    true) score_opts=(--cohort-data "$train_dir"); what=", and AS-norm with a cohort from $train_dir" ;;
+    true) score_opts=(--cohort-data "$train_dir"); what=", and the AS-norm cohort of $train_dir" ;;
     false) score_opts=(); what= ;;
     *) die "--asnorm must be true or false, got '$asnorm'" ;;
   esac
-  log "stage 3: scoring every trial list of $test_dir with $expdir ($nj jobs)$what"
+  log "stage 3: embeddings of $test_dir$what ($nj jobs, each utterance through the trunk once), then every trial list scored from them"
+  steps/extract_embeddings.sh --nj "$nj" --cmd "$train_cmd" "$expdir" "$test_dir"
+  if [ "$asnorm" = true ]; then
+    steps/extract_embeddings.sh --nj "$nj" --cmd "$train_cmd" --cohort true "$expdir" "$train_dir"
+  fi
   steps/score.sh --nj "$nj" --cmd "$train_cmd" ${score_opts[@]+"${score_opts[@]}"} "$expdir" "$test_dir"
 fi
 
