@@ -113,8 +113,9 @@ def test_stage0_vox1_o_counts_and_vox2_m4a_through_stage1(vox1, vox_features):
 @needs_list
 @needs_ffmpeg
 def test_vox1_o_scored_in_two_jobs_equals_one_job(vox_features, tmp_path):
-    """Stage 3 at Vox1-O's size (37,720 trials over 4,715 utterances): --nj 2 writes the same score file as
-    --nj 1. The model is trained one epoch on the fake vox2_dev; one short crop per utterance keeps it fast."""
+    """Stage 3 at Vox1-O's size (37,720 trials over 4,715 utterances): the trunk once per utterance into the archives,
+    then scoring in --nj 2 jobs writes the same score file as --nj 1. The model is trained one epoch on the fake
+    vox2_dev; two short crops per utterance keep it fast."""
     cfg = yaml.safe_load(open(os.path.join(ROOT, "conf/mini/cap.yaml")))
     cfg["train"].update(epochs=1, speakers_per_batch=3, num_workers=0)
     (tmp_path / "vox_cap.yaml").write_text(yaml.safe_dump(cfg))
@@ -122,8 +123,13 @@ def test_vox1_o_scored_in_two_jobs_equals_one_job(vox_features, tmp_path):
     data = vox_features / "data"
     r = run("steps/train.sh", "--config", tmp_path / "vox_cap.yaml", data / "vox2_dev", exp)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    r = run("steps/extract_embeddings.sh", "--nj", 2, exp, data / "vox1_test", "eval.num_crops=2",
+            "eval.crop_frames=40")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "trunk ran on 9430 crops of 4715 utterances in 2 jobs" in r.stdout       # each utterance once
     scores = {}
     for nj in (1, 2):
+        (exp / "scores/vox1_test.score").unlink(missing_ok=True)
         r = run("steps/score.sh", "--nj", nj, exp, data / "vox1_test", "eval.num_crops=2", "eval.crop_frames=40")
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
         scores[nj] = (exp / "scores/vox1_test.score").read_bytes()
