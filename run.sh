@@ -7,7 +7,8 @@
 #            data/prepared records them (and stage 1 its fbank conf) for the stages run later
 #   stage 1  fbank features       data/<set>/{feats.scp,utt2num_frames}, arks under fbank/
 #   stage 2  training             exp/<name>/{config.yaml,models/,log/train.log,train_log.csv}
-#   stage 3  scoring              exp/<name>/scores/<test-set>[_<list>].score, one per trial list
+#   stage 3  embeddings, scoring  exp/<name>/embeddings/<test-set>/embedding.{scp,json} (each utterance through
+#                                 the trunk once), then exp/<name>/scores/<test-set>[_<list>].score, one per list
 #   stage 4  metrics              exp/<name>/{results.txt,det.png}, a line and a curve per list
 #
 #   bash run.sh --corpus voxceleb --voxceleb1-root /data/voxceleb1 --voxceleb2-root /data/voxceleb2 \
@@ -250,11 +251,11 @@ fi
 
 if [ $stage -le 3 ] && [ $stop_stage -ge 3 ]; then
   case $asnorm in
-    true) score_opts=(--cohort-data "$train_dir"); what=", and AS-norm with a cohort from $train_dir" ;;
+    true) score_opts=(--cohort-data "$train_dir"); what=", and the AS-norm cohort of $train_dir" ;;
     false) score_opts=(); what= ;;
     *) die "--asnorm must be true or false, got '$asnorm'" ;;
   esac
-  # On a cluster each job asks for a GPU, or scores on its CPUs (device=cpu: never a GPU it did not ask for)
+  # On a cluster each job asks for a GPU, or runs on its CPUs (device=cpu: never a GPU it did not ask for)
   score_launch=$score_cmd; score_args=()
   if [ "$cluster" != none ]; then
     case ${score_gpu:-$([ "${ngpu:-1}" != 0 ] && echo true || echo false)} in
@@ -263,7 +264,12 @@ if [ $stage -le 3 ] && [ $stop_stage -ge 3 ]; then
       *) die "--score-gpu must be true or false, got '$score_gpu'" ;;
     esac
   fi
-  log "stage 3: scoring every trial list of $test_dir with $expdir ($nj jobs)$what"
+  log "stage 3: embeddings of $test_dir ($nj jobs$what; each utterance through the trunk once), then every trial list scored from them"
+  steps/extract_embeddings.sh --nj "$nj" --cmd "$score_launch" "$expdir" "$test_dir" ${score_args[@]+"${score_args[@]}"}
+  if [ "$asnorm" = true ]; then
+    steps/extract_embeddings.sh --nj "$nj" --cmd "$score_launch" --cohort true "$expdir" "$train_dir" \
+      ${score_args[@]+"${score_args[@]}"}
+  fi
   steps/score.sh --nj "$nj" --cmd "$score_launch" ${score_opts[@]+"${score_opts[@]}"} "$expdir" "$test_dir" \
     ${score_args[@]+"${score_args[@]}"}
 fi

@@ -1,7 +1,8 @@
 """AS-norm (capsv.asnorm, stage 3's --cohort-data): the formula against a numpy oracle; the cohort scores of a
-spilled cache and of two caches against one cache's; the entry points (steps/score.sh, run.sh --asnorm) on
-copies of the trained fixture's experiments, against AS-norm recomputed independently from raw and cohort scores
-scored through capsv.scoring on explicit pairs; --nj 2 equal to --nj 1; K clamped to a small cohort."""
+spilled cache and of two caches against one cache's; the entry points (steps/extract_embeddings.sh --cohort true,
+steps/score.sh --cohort-data, run.sh --asnorm) on copies of the trained fixture's experiments, against AS-norm
+recomputed independently from raw and cohort scores scored through capsv.scoring on explicit pairs; --nj 2 equal
+to --nj 1; the cohort extracted once and reused; K clamped to a small cohort."""
 import json
 import shutil
 import subprocess
@@ -157,6 +158,13 @@ def score_sh(root, exp, *opts, overrides=()):
     return r
 
 
+def extract_sh(exp, data, *opts, overrides=()):
+    r = subprocess.run(["bash", "steps/extract_embeddings.sh", *opts, str(exp), str(data), *overrides],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r
+
+
 def run_sh(root, exp_root, *opts):
     return subprocess.run(recipe_cmd(root, "--exp", str(exp_root), "--config", str(exp_root / "small_cap.yaml"),
                                      "--stage", "3", "--stop-stage", "3", *opts),
@@ -164,9 +172,10 @@ def run_sh(root, exp_root, *opts):
 
 
 def test_cap_through_score_sh_and_run_sh_equals_independent_asnorm(trained_recipe, tmp_path):
-    """steps/score.sh --cohort-data (cohort of 4 of the 40 training speakers, K=3) against the oracle, per list and
-    in trial order; run.sh --asnorm true --nj 2 gives the same files; a plain re-run removes the stale AS-norm;
-    K=50 with a cohort of 3 is clamped to 3 (S-norm) with a warning."""
+    """steps/score.sh --cohort-data (cohort of 4 of the 40 training speakers, K=3, extracted once by
+    steps/extract_embeddings.sh --cohort true) against the oracle, per list and in trial order; run.sh --asnorm true
+    --nj 2 gives the same files; a plain re-run removes the stale AS-norm; K=50 with a cohort of 3 is clamped to 3
+    (S-norm) with a warning."""
     root = small_root(trained_recipe, tmp_path)
     train = root / "data/synth_train"
     utt2spk = dict(line.split() for line in open(train / "utt2spk"))
@@ -176,6 +185,9 @@ def test_cap_through_score_sh_and_run_sh_equals_independent_asnorm(trained_recip
     assert select_cohort(utt2spk, 4) == cohort
 
     a = copy_exp(trained_recipe, tmp_path, "small_cap", "exp_a")
+    extract_sh(a, root / "data/synth_test")
+    r = extract_sh(a, train, "--cohort", "true", overrides=["eval.cohort_size=4"])
+    assert f"{a}/embeddings/synth_train_cohort: trunk ran on 40 crops of 4 utterances in 1 jobs" in r.stdout
     r = score_sh(root, a, "--nj", "1", "--cohort-data", str(train),
                  overrides=["eval.cohort_size=4", "eval.asnorm_top_k=3"])
     assert "8 utterances x 4 = 32 cohort scores for 15 trials" in r.stdout    # once per utterance, not per trial
@@ -193,6 +205,8 @@ def test_cap_through_score_sh_and_run_sh_equals_independent_asnorm(trained_recip
         assert {k: info[k] for k in raw_info} == raw_info
         assert info["cohort"] == {"data": str(train), "utt2spk_sha256": sha256(str(train / "utt2spk")),
                                   "speakers": 40, "size": 4, "top_k": 3}
+        assert info["cohort_embeddings"] == json.load(open(a / "embeddings/synth_train_cohort/embedding.json"))[
+            "signature"]
 
     # run.sh --asnorm true --nj 2 (the same keys, from the exp's config) writes the same files as --nj 1
     b = copy_exp(trained_recipe, tmp_path, "small_cap", "exp_b", cohort_size=4, asnorm_top_k=3)
@@ -207,12 +221,17 @@ def test_cap_through_score_sh_and_run_sh_equals_independent_asnorm(trained_recip
     r = run_sh(root, tmp_path / "exp_b", "--asnorm", "maybe")
     assert r.returncode == 1 and r.stderr.strip().splitlines() == \
         ["run.sh: ERROR: option --asnorm expects true or false, got 'maybe'"]
-    r = run_sh(root, tmp_path / "exp_b", "--nj", "1")
+    r = run_sh(root, tmp_path / "exp_b", "--nj", "2")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "trunk ran on 0 crops of 0 utterances in 2 jobs (2 job(s) kept" in r.stdout      # the archives reused
+    assert f"{b}/scores/synth_test_x.score up to date (scored from these embeddings, the list unchanged); kept" \
+        in r.stdout                                                                        # and the raw scores
     assert sorted(p.name for p in (b / "scores").iterdir()) == \
-        ["synth_test.score", "synth_test.score.json", "synth_test_x.score", "synth_test_x.score.json"]
+        [".score.lock", "synth_test.score", "synth_test.score.json", "synth_test_x.score", "synth_test_x.score.json"]
 
-    # K above the cohort: clamped, said once, recorded
+    # K above the cohort: clamped, said once, recorded; the cohort of another size is extracted anew
+    r = extract_sh(a, train, "--cohort", "true", overrides=["eval.cohort_size=3"])
+    assert "re-extracting" in r.stdout and "made for another AS-norm cohort" in r.stdout
     r = score_sh(root, a, "--nj", "2", "--cohort-data", str(train),
                  overrides=["eval.cohort_size=3", "eval.asnorm_top_k=50"])
     assert r.stdout.count("WARNING: eval.asnorm_top_k=50 is more than the cohort's 3 utterances; using all 3 "
@@ -226,9 +245,14 @@ def test_cap_through_score_sh_and_run_sh_equals_independent_asnorm(trained_recip
 
 def test_bad_cohort_dir_is_one_line(trained_recipe, tmp_path):
     d = copy_exp(trained_recipe, tmp_path, "small_cap")
+    r = subprocess.run(["bash", "steps/extract_embeddings.sh", "--cohort", "true", str(d), str(tmp_path / "nowhere")],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 1 and r.stderr.strip().splitlines() == [
+        f"steps/extract_embeddings.sh: ERROR: --cohort true: {tmp_path}/nowhere has no feats.scp; give the training "
+        f"data dir after stage 1"]
     r = subprocess.run(["bash", "steps/score.sh", "--cohort-data", str(tmp_path / "nowhere"), str(d),
                         str(trained_recipe / "data/synth_test")], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 1 and r.stderr.strip().splitlines() == [
-        f"steps/score.sh: ERROR: --cohort-data {tmp_path}/nowhere has no feats.scp; give the training data dir "
-        f"after stage 1"]
-    assert not (d / "scores").exists()
+        f"steps/score.sh: ERROR: no AS-norm cohort embeddings in {d}/embeddings/nowhere_cohort; extract them first: "
+        f"steps/extract_embeddings.sh --cohort true {d} {tmp_path}/nowhere"]
+    assert not (d / "scores").exists() and not (d / "embeddings").exists()

@@ -111,15 +111,19 @@ def test_killed_mid_epoch_and_in_checkpoint_write_gives_identical_results(corpus
         (tmp / "exp_b/k/scores/synth_test.score").read_bytes()
     assert not list(models.glob(".*.tmp"))             # the killed write's temporary is not trusted or left
 
-    # stage 3 killed part way (job 2 of 2 dies writing its part): the re-run finishes it, same scores
+    # stage 3 killed part way (scoring job 2 of 2 dies writing its part): the re-run removes what it left,
+    # keeps the archives, scores again, same scores
     scores = tmp / "exp_b/k/scores/synth_test.score"
     scores.unlink()
     env = dict(os.environ, PYTHONPATH=f"{tmp}/hook", CAPSV_TEST_KILL_IN_WRITE=".synth_test.score.2.")
     r = recipe(tmp, "exp_b", "--stage", "3", "--stop-stage", "3", "--nj", "2", env=env)
     assert r.returncode != 0 and "job 2 failed" in r.stderr and not scores.exists()
+    assert list(scores.parent.glob(".synth_test.score.2.*.tmp"))           # the dead job's partial file
     r = recipe(tmp, "exp_b", "--stage", "3", "--stop-stage", "3", "--nj", "2")
     assert r.returncode == 0, r.stderr[-3000:]
+    assert "trunk ran on 0 crops" in r.stdout                              # the archives were kept
     assert scores.read_bytes() == (tmp / "exp_ref/k/scores/synth_test.score").read_bytes()
+    assert sorted(os.listdir(scores.parent)) == [".score.lock", "synth_test.score", "synth_test.score.json"]
 
 
 def test_second_run_on_the_same_exp_stops_at_once(corpus):

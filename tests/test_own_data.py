@@ -1,6 +1,7 @@
 """Your own Kaldi data dirs through stages 0-4: 22.05 kHz audio, a stereo file, `cmd |` entries,
-two trial lists; and stage 3 split over jobs giving the same score files as one job. 8 kHz audio with
-conf/fbank_8k.conf, the later stages run without corpus or fbank options (data/prepared remembers them)."""
+two trial lists; and stage 3 (embeddings split over jobs by utterance, scoring by trial) giving the same score
+files as one job. 8 kHz audio with conf/fbank_8k.conf, the later stages run without corpus or fbank options
+(data/prepared remembers them)."""
 import json
 import os
 import subprocess
@@ -90,14 +91,22 @@ def test_every_trial_list_scored_and_reported(own):
 
 
 def test_scoring_split_over_jobs_equals_one_job(own):
+    """Stage 3 ran with --nj 2 (utterances split for the trunk, trials for scoring); one scoring job from the same
+    archives writes the same score files, and leaves no part behind."""
     tmp, _ = own
-    two = {n: (tmp / "exp/tiny_cap/scores" / n).read_text() for n in ("own_test.score", "own_test_b.score")}
-    r = run_recipe(tmp, "--stage", "3", "--stop-stage", "3", "--nj", "1")
+    scores = tmp / "exp/tiny_cap/scores"
+    two = {n: (scores / n).read_text() for n in ("own_test.score", "own_test_b.score")}
+    assert sorted(os.listdir(tmp / "exp/tiny_cap/embeddings/own_test")) == [".extract.lock"] + sorted(
+        f"embedding.{j}.{x}" for j in (1, 2) for x in ("ark", "json", "scp")) + ["embedding.json", "embedding.scp"]
+    for n in two:
+        (scores / n).unlink()
+    r = subprocess.run(["bash", "steps/score.sh", "--nj", "1", str(tmp / "exp/tiny_cap"), str(tmp / "data/own_test")],
+                       cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    one = {n: (tmp / "exp/tiny_cap/scores" / n).read_text() for n in two}
+    one = {n: (scores / n).read_text() for n in two}
     assert one == two
-    assert sorted(os.listdir(tmp / "exp/tiny_cap/scores")) == [
-        "own_test.score", "own_test.score.json", "own_test_b.score", "own_test_b.score.json"]   # no parts left
+    assert sorted(os.listdir(scores)) == [
+        ".score.lock", "own_test.score", "own_test.score.json", "own_test_b.score", "own_test_b.score.json"]
 
 
 # ---- 8 kHz audio with conf/fbank_8k.conf; later stages remember the sets and the fbank conf ----

@@ -158,12 +158,18 @@ def test_an_option_naming_another_corpus_than_stage_0_prepared_is_one_line(vox_f
 @needs_list
 @needs_ffmpeg
 def test_vox1_o_scored_in_two_jobs_equals_one_job(vox_features, vox_model):
-    """Stage 3 at Vox1-O's size (37,720 trials over 4,715 utterances): --nj 2 writes the same score file as
-    --nj 1. The model is trained one epoch on the fake vox2_dev; one short crop per utterance keeps it fast."""
+    """Stage 3 at Vox1-O's size (37,720 trials over 4,715 utterances): the trunk once per utterance into the archives,
+    then scoring in --nj 2 jobs writes the same score file as --nj 1. The model is trained one epoch on the fake
+    vox2_dev; two short crops per utterance keep it fast."""
     exp, _ = vox_model
     data = vox_features / "data"
+    r = run("steps/extract_embeddings.sh", "--nj", 2, exp, data / "vox1_test", "eval.num_crops=2",
+            "eval.crop_frames=40")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "trunk ran on 9430 crops of 4715 utterances in 2 jobs" in r.stdout       # each utterance once
     scores = {}
     for nj in (1, 2):
+        (exp / "scores/vox1_test.score").unlink(missing_ok=True)
         r = run("steps/score.sh", "--nj", nj, exp, data / "vox1_test", "eval.num_crops=2", "eval.crop_frames=40")
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
         scores[nj] = (exp / "scores/vox1_test.score").read_bytes()

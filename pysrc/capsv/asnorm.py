@@ -5,23 +5,24 @@ multilingual speaker recognition", Interspeech 2017), the option of stage 3 behi
 
 μ_x, σ_x: mean and standard deviation (ddof 0, as numpy's np.std) of the K = eval.asnorm_top_k highest
 scores of utterance x against the cohort. The cohort is one utterance per training speaker (the first of
-each, sorted), of at most eval.cohort_size speakers spread evenly over the sorted speaker list; it goes
-through the same trunk and crops as the test utterances into its own in-memory ScoringCache.
+each, sorted), of at most eval.cohort_size speakers spread evenly over the sorted speaker list. It goes
+through the same trunk and crops as the test utterances once, into its own archive
+(steps/extract_embeddings.sh --cohort true: exp/<name>/embeddings/<train-set>_cohort/), which every scoring
+job reads into an in-memory ScoringCache.
 
 Each utterance of a job's trials is scored against every cohort utterance once (not once per trial),
 block by block, with the scorer of the raw scores (capsv.scoring.score_trials; TAP/SAP: a matrix product
 of the mean unit crop embeddings); only its top-K mean and std are kept, so memory is one block's scores,
 never N_utterances x N_cohort. For CAP every cohort score is a full trial (10 x 10 crop pairs), so a job
 costs N_utterances x N_cohort pair scores on top of its N_trials: for Vox1-O 4,715 x N_cohort / 37,720
-pair scores per trial (749 with all 5,994 VoxCeleb2 speakers), plus the trunk on the cohort in every job.
+pair scores per trial (749 with all 5,994 VoxCeleb2 speakers).
 """
 import time
 
 import numpy as np
 import torch
 
-from capsv.data import ArkReader, read_data_dir
-from capsv.scoring import ScoringCache, score_trials, utterance_cache
+from capsv.scoring import ScoringCache, score_trials
 from capsv.utils import UserError, progress, sha256
 
 # Cohort pair scores per block: bounds the scores and pair lists held at once (CAP: 0.5 MB of float64, each
@@ -61,36 +62,39 @@ def select_cohort(utt2spk, size):
     return [first[s] for s in speakers]
 
 
-class Cohort:
-    """The AS-norm cohort drawn from a (training) data dir, checked before any model is loaded."""
+def cohort_utterances(data_dir, utt2spk, cohort_size):
+    """The cohort of a (training) data dir with utterances `utt2spk`: (its utterances, a record of it)."""
+    utts = select_cohort(utt2spk, cohort_size)
+    if len(utts) < 2:
+        raise UserError(f"--cohort-data {data_dir}: {len(utts)} speaker; AS-norm needs a cohort of at least 2 "
+                        f"speakers (give the training data dir)")
+    return utts, {"data": data_dir, "utt2spk_sha256": sha256(f"{data_dir}/utt2spk"),
+                  "speakers": len(set(utt2spk.values())), "size": len(utts)}
 
-    def __init__(self, data_dir, ecfg):
-        utt2spk, self.nframes, scp = read_data_dir(data_dir)
-        self.utts = select_cohort(utt2spk, ecfg["cohort_size"])
-        if len(self.utts) < 2:
-            raise UserError(f"--cohort-data {data_dir}: {len(self.utts)} speaker; AS-norm needs a cohort of at "
-                            f"least 2 speakers (give the training data dir)")
-        self.reader = ArkReader({u: scp[u] for u in self.utts})
+
+class Cohort:
+    """The AS-norm cohort's rows, read into memory from its archive (a capsv.embeddings.EmbeddingArchive made
+    with --cohort), and the K of its top-K statistics."""
+
+    def __init__(self, archive, ecfg, device, mem_bytes=None):
+        record = archive.meta.get("cohort")
+        if not record:
+            raise UserError(f"{archive.dir}: not the embeddings of an AS-norm cohort; extract one with "
+                            f"steps/extract_embeddings.sh --cohort true <exp-dir> <training-data-dir>")
+        self.utts = archive.utts
         self.top_k = min(ecfg["asnorm_top_k"], len(self.utts))
         self.warning = None
         if self.top_k < ecfg["asnorm_top_k"]:
             # K = cohort size is plain symmetric normalisation (S-norm): said, not refused
             self.warning = (f"WARNING: eval.asnorm_top_k={ecfg['asnorm_top_k']} is more than the cohort's "
                             f"{len(self.utts)} utterances; using all {self.top_k} (S-norm)")
-        self.info = {"data": data_dir, "utt2spk_sha256": sha256(f"{data_dir}/utt2spk"),
-                     "speakers": len(set(utt2spk.values())), "size": len(self.utts), "top_k": self.top_k}
-        self.cache = None
-
-    def build(self, net, ecfg, device, spill_dir=None):
-        """Run the trunk on the cohort into an in-memory ScoringCache; returns the seconds it took."""
-        t0 = time.time()
-        self.cache = utterance_cache(net, self.reader, self.nframes, self.utts, ecfg, device, spill_dir=spill_dir)
+        self.info = {k: record[k] for k in ("data", "utt2spk_sha256", "speakers", "size")}
+        self.info["top_k"] = self.top_k
+        self.cache = archive.cache(self.utts, device, mem_bytes)
         if not self.cache.in_memory:
             need, budget = self.cache.nbytes / 2**30, self.cache.mem_bytes / 2**30
-            self.cache.close()
             raise UserError(f"eval.cohort_size: a cohort of {len(self.utts)} utterances needs {need:.1f} GiB, more "
                             f"than the scoring memory budget ({budget:.1f} GiB); lower eval.cohort_size")
-        return time.time() - t0
 
 
 def _rows_in_memory(cache, utts):

@@ -15,8 +15,13 @@ Three steps, each done once for what it depends on:
    (Ŝ_x G_y m_x with G_y m_x = Ŝ_yᵀ(Ŝ_y m_x), no Gram matrix held), a softmax over 88 frames,
    one weighted sum, a ReLU and a 128 x 128 product.
 
-Memory is bounded by a budget, not by the number of utterances: a cache that does not fit is
-written to a scratch file, and the trials are then scored block by block (`_blocks`).
+Stage 3 runs steps 1-2 once per utterance into Kaldi archives (capsv.embeddings) and scores every list
+from them (`ScoringCache.from_rows`); in-process callers (verify, validation, the pictures, the bench) run
+all three here (`utterance_cache`).
+
+Memory is bounded by a budget, not by the number of utterances: a cache that does not fit is read back
+from where its rows are kept (the archives, or a scratch file written here), and the trials are then scored
+block by block (`_blocks`).
 """
 import os
 import tempfile
@@ -86,13 +91,24 @@ def partner_independent(net, frames):
     BN scale / T, c [n,K,C] BN scale * frame mean + BN shift. TAP/SAP: e [n,E] mean unit crop embedding.
     """
     if not net.pair_dependent:
-        emb = net.embed(net.pool.single(frames))
-        return {"e": (emb / emb.norm(dim=-1, keepdim=True).clamp_min(_EPS)).mean(1)}
+        return {"e": mean_unit_embedding(crop_embeddings(net, frames))}
     t = frames.shape[-2]
     scale, shift = net.head_affine()
     s = cap_unit_frames(net.pool, frames)
     return {"st": s.transpose(-1, -2), "m": s.sum(-2) / (t * net.pool.tau), "u": frames * (scale / t),
             "c": frames.mean(-2) * scale + shift}
+
+
+@torch.no_grad()
+def crop_embeddings(net, frames):
+    """TAP/SAP: the network's embedding of each crop, [n, K, E] from trunk outputs frames [n, K, T, C]."""
+    return net.embed(net.pool.single(frames))
+
+
+def mean_unit_embedding(emb):
+    """The mean over crops of the unit-length crop embeddings [n, K, E] -> [n, E]: the dot product of two is
+    the mean of their K x K crop-pair cosines (what a TAP/SAP trial scores)."""
+    return (emb / emb.norm(dim=-1, keepdim=True).clamp_min(_EPS)).mean(1)
 
 
 def build_cache(net, utts, batches, device, mem_bytes=None, spill_dir=None):
@@ -120,12 +136,12 @@ class ScoringCache:
     """One row per utterance (float32 from the trunk) of each named field.
 
     Held in memory on `device` (one contiguous tensor per field: gathers from strided views measured
-    several times slower) when N rows fit in `mem_bytes`; otherwise written to a scratch file in
-    `spill_dir` (rows of the fields side by side; removed with the cache) and read back block by block
-    when trials are scored.
+    several times slower) when N rows fit in `mem_bytes`; otherwise read back block by block when trials
+    are scored: from `read_rows` (rows kept elsewhere, e.g. stage 3's archives: `from_rows`), or else from a
+    scratch file written in `spill_dir` (rows of the fields side by side; removed with the cache).
     """
 
-    def __init__(self, utts, shapes, device, mem_bytes=None, spill_dir=None, dtype=torch.float32):
+    def __init__(self, utts, shapes, device, mem_bytes=None, spill_dir=None, dtype=torch.float32, read_rows=None):
         self.utts = list(utts)
         self.row = {u: i for i, u in enumerate(self.utts)}
         self.shapes = {k: tuple(s) for k, s in shapes.items()}
@@ -136,14 +152,27 @@ class ScoringCache:
         self.mem_bytes = default_budget(device) if mem_bytes is None else mem_bytes
         self.nbytes = len(self.utts) * self.row_floats * self.itemsize
         self.in_memory = self.nbytes <= self.mem_bytes
+        self.read_rows = None if self.in_memory else read_rows
+        self.path = None
         if self.in_memory:
             self.data = {k: torch.empty(len(self.utts), *s, device=device, dtype=dtype) for k, s in self.shapes.items()}
-            self.path = None
-        else:
+        elif self.read_rows is None:
             fd, self.path = tempfile.mkstemp(prefix="capsv-cache.", suffix=".bin", dir=spill_dir)
             self._file = os.fdopen(fd, "w+b")
             self._cleanup = weakref.finalize(self, _remove, self._file, self.path)   # also at exit
         self.peak_bytes = self.nbytes if self.in_memory else 0   # most row bytes held at once (read by tests)
+
+    @classmethod
+    def from_rows(cls, utts, shapes, device, read_rows, mem_bytes=None, dtype=torch.float32, rows_per_read=64):
+        """A cache of `utts` whose rows `read_rows(utts)` gives ({field: [n, *shape] CPU tensor}, in the order
+        asked): read into memory when they fit in `mem_bytes`, else left where they are and read block by block
+        (no scratch file)."""
+        cache = cls(utts, shapes, device, mem_bytes, dtype=dtype, read_rows=read_rows)
+        if cache.in_memory:
+            for i in range(0, len(cache.utts), rows_per_read):
+                chunk = cache.utts[i:i + rows_per_read]
+                cache.put(chunk, read_rows(chunk))
+        return cache
 
     @property
     def rows_per_block(self):
@@ -151,6 +180,8 @@ class ScoringCache:
         return max(1, int(self.mem_bytes // (2 * self.row_floats * self.itemsize)))
 
     def put(self, utts, fields):
+        if self.read_rows is not None:
+            raise ValueError("ScoringCache.put: the rows of this cache are read from where they are kept")
         rows = [self.row[u] for u in utts]
         first = rows[0]
         if rows != list(range(first, first + len(rows))):
@@ -164,7 +195,10 @@ class ScoringCache:
             self._file.write(flat.cpu().numpy().tobytes())
 
     def load(self, rows):
-        """Rows (ascending row numbers) read from the scratch file: {field: [n, *shape] on the device}."""
+        """Rows (ascending row numbers) read back from where they are kept: {field: [n, *shape] on the device}."""
+        if self.read_rows is not None:
+            got = self.read_rows([self.utts[int(r)] for r in rows])
+            return {k: got[k].to(device=self.device, dtype=self.dtype) for k in self.shapes}
         self._file.flush()
         out = {k: torch.empty(len(rows), *shape, dtype=self.dtype) for k, shape in self.shapes.items()}
         arrays = [out[k].numpy().reshape(len(rows), -1) for k in self.shapes]
