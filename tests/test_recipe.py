@@ -1,10 +1,13 @@
 """run.sh end to end on a tiny corpus (stages 0-4), re-entry at stage 3, and bad input at the top."""
 import hashlib
 import os
+import shutil
 import subprocess
 
 import pytest
 import yaml
+
+from capsv import checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -81,6 +84,26 @@ def test_second_config_trains_into_its_own_exp(recipe):
     r = run_recipe(tmp, "--config", str(tmp / "tiny_sap.yaml"), "--stage", "2")
     assert r.returncode == 0, r.stderr[-3000:]
     assert (tmp / "exp/tiny_sap/results.txt").is_file() and (tmp / "exp/tiny_cap/results.txt").is_file()
+
+
+def test_stage_4_refuses_scores_of_an_earlier_checkpoint(recipe, tmp_path):
+    """Training went on after stage 3 (a newer checkpoint): stage 4 stops in one line naming the stale score
+    file, and writes nothing."""
+    tmp, _ = recipe
+    exp = tmp_path / "exp/tiny_cap"
+    shutil.copytree(tmp / "exp/tiny_cap", exp)
+    state = checkpoint.load_for_inference(exp)
+    state = {k: v for k, v in state.items() if k not in ("file", "sha256")}
+    state["epoch"] = 3
+    state["model"] = {k: v + 0.01 if v.is_floating_point() else v for k, v in state["model"].items()}
+    checkpoint.save_checkpoint(exp / "models", 3, state)
+    before = (exp / "results.txt").read_bytes()
+    r = subprocess.run(["bash", "run.sh", "--stage", "4", "--config", str(tmp / "tiny_cap.yaml"),
+                        "--data", str(tmp / "data"), "--exp", str(tmp_path / "exp")], cwd=ROOT, capture_output=True, text=True)
+    line = one_error_line(r)
+    assert f"{exp}/scores/synth_test.score was scored with epoch 2's checkpoint, not with the newest one of {exp} " \
+           f"(epoch_0003.pt): the scores are stale; re-run stage 3, then stage 4" in line
+    assert (exp / "results.txt").read_bytes() == before
 
 
 def one_error_line(r):

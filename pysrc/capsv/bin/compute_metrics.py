@@ -10,7 +10,10 @@ and targets, the checkpoint epoch (from the score file's .json, written by stage
 list's SHA-256 and path. A score file whose .json names other trials than the list as it is now
 is refused: the scores are stale.
 
-With --exp DIR (what run.sh's stage 4 gives) it also writes, before results.txt:
+With --exp DIR (what run.sh's stage 4 gives) the scores must come from DIR's newest checkpoint
+(their .json's checkpoint_sha256; an exp kept without its models is taken as it is): scores of an
+earlier checkpoint (training went on after stage 3) are refused as stale. It also writes, before
+results.txt:
 
 - DIR/calibration.json: the EER and minDCF(0.05) thresholds of one list's raw scores (--calibrate,
   a list name as in results.txt; default the first list), the list's path and SHA-256, the epoch,
@@ -66,6 +69,21 @@ def evaluate(trials_path, scores_path):
                             str(len(trials)), str(sum(labels)), str(epoch), digest, trials_path)))
     return {"row": row, "rates": rates, "scores": scores, "labels": labels, "info": info,
             "trials": trials_path, "scores_path": scores_path}
+
+
+def check_checkpoint(exp, results):
+    """Every score file was made by the experiment's newest checkpoint (stage 4 reports on it)."""
+    from capsv import checkpoint
+
+    if not checkpoint.list_checkpoints(os.path.join(exp, "models")):
+        return   # an experiment kept without its models: its scores are all there is to report
+    state = checkpoint.load_for_inference(exp)
+    for r in results:
+        made = r["info"].get("checkpoint_sha256")
+        if made != state["sha256"]:
+            what = f"epoch {r['info'].get('epoch', '?')}'s checkpoint" if made else "an unrecorded checkpoint (no .json)"
+            raise UserError(f"{r['scores_path']} was scored with {what}, not with the newest one of {exp} "
+                            f"({os.path.basename(state['file'])}): the scores are stale; re-run stage 3, then stage 4")
 
 
 def format_table(name, rows):
@@ -135,6 +153,7 @@ def main(argv=None):
 
     cal = None
     if args.exp:
+        check_checkpoint(args.exp, results)
         cal = calibrate(args, results)
         args.det = args.det or os.path.join(args.exp, "det.png")
     text = format_table(args.name, rows)
