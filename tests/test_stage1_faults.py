@@ -156,6 +156,9 @@ def test_bad_files_cost_their_jobs_only(tmp_path):
     assert len(feats(d)) == 22 and broken not in (d / "utt2spk").read_text()
     arks = {p.name: p.stat().st_mtime_ns for p in folder(tmp_path).glob("*.ark")}
     assert len(arks) == 4
+    kept = {f: (d / f).stat().st_mtime_ns for f in ("feats.scp", "utt2num_frames", "bad_utts", "wav.scp")}
+    assert fbank(d, tmp_path, 4, "--max-bad-frac", "0.1").returncode == 0   # unchanged: nothing is rewritten
+    assert {f: (d / f).stat().st_mtime_ns for f in kept} == kept
 
     # the user's fix: one file repaired (its line back in the data dir), the other utterance removed
     (tmp_path / f"{broken}.wav").write_bytes(good_audio)
