@@ -255,8 +255,16 @@ class EpisodicBatches:
 
     def __init__(self, utt2spk, n_speakers, n_utts, seed):
         spk2utts = {}
-        for utt, spk in sorted(utt2spk.items()):
-            spk2utts.setdefault(spk, []).append(utt)
+        if isinstance(utt2spk, UttTable) and utt2spk.labels is not None:   # by speaker index, in id order
+            utts = [k.decode() for k in utt2spk.keys_array]
+            order = np.argsort(utt2spk.column, kind="stable")
+            spk = utt2spk.column[order]
+            cuts = np.flatnonzero(spk[1:] != spk[:-1]) + 1
+            for part in np.split(order, cuts):
+                spk2utts[utt2spk.labels[utt2spk.column[part[0]]]] = [utts[i] for i in part.tolist()]
+        else:
+            for utt, spk in sorted(utt2spk.items()):
+                spk2utts.setdefault(spk, []).append(utt)
         # a speaker who cannot fill one group would never be in a batch (nor trained as a class)
         self.spk2utts = {s: u for s, u in spk2utts.items() if len(u) >= n_utts}
         self.skipped = sorted(s for s in spk2utts if s not in self.spk2utts)
