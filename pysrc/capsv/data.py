@@ -131,12 +131,24 @@ def _frame_counts(data_dir, keys, values):
     return counts.astype(np.int32)
 
 
+def _labels(column):
+    """(labels, index) with labels[index[i]] == column[i]: by runs when the column is grouped and sorted
+    (speakers in a Kaldi utt2spk), else by sorting; both linear in practice."""
+    if len(column) and (column[1:] >= column[:-1]).all():
+        starts = np.concatenate([[True], column[1:] != column[:-1]])
+        return column[starts], (np.cumsum(starts) - 1).astype(np.int32)
+    labels, index = np.unique(column, return_inverse=True)
+    return labels, index.astype(np.int32)
+
+
 def _feats_table(keys, specs):
     """feats.scp as ark indices and offsets when every entry is `<path>:<offset>`; else the specs as they are."""
-    path, sep, offset = np.char.rpartition(specs, b":").T
-    if (sep == b":").all() and np.char.isdigit(offset).all() and (path != b"").all():
-        arks, index = np.unique(path, return_inverse=True)
-        return FeatsTable(keys, index.astype(np.int32), offset.astype(np.int64), [a.decode() for a in arks])
+    parts = [s.rpartition(b":") for s in specs.tolist()]
+    if all(sep and path and off.isdigit() for path, sep, off in parts):
+        arks = {}
+        index = np.array([arks.setdefault(path, len(arks)) for path, _, _ in parts], dtype=np.int32)
+        offsets = np.array([off for _, _, off in parts]).astype(np.int64)
+        return FeatsTable(keys, index, offsets, [a.decode() for a in arks])
     return UttTable(keys, specs)
 
 
@@ -147,8 +159,8 @@ def read_data_dir(data_dir, need=("feats.scp", "utt2spk", "utt2num_frames")):
         if not os.path.isfile(os.path.join(data_dir, name)):
             raise UserError(f"{data_dir}/{name} is missing; run stage 0 and 1 for this data dir first")
     keys, spk = _columns(data_dir, "utt2spk")
-    speakers, spk_index = np.unique(spk, return_inverse=True)
-    utt2spk = UttTable(keys, spk_index.astype(np.int32), [s.decode() for s in speakers])
+    speakers, spk_index = _labels(spk)
+    utt2spk = UttTable(keys, spk_index, [s.decode() for s in speakers.tolist()])
     if not all(os.path.isfile(os.path.join(data_dir, n)) for n in ("utt2num_frames", "feats.scp")):
         return utt2spk, None, None   # not needed (`need`), and not there
     k2, counts = _columns(data_dir, "utt2num_frames")
@@ -291,9 +303,9 @@ class EpisodicBatches:
         groups = []
         for k, spk in enumerate(self.speakers):
             utts = self.spk2utts[spk]
-            order = rng.permutation(len(utts)).tolist()   # list indices: numpy ints index lists slowly
+            shuffled = [utts[i] for i in rng.permutation(len(utts)).tolist()]
             for g in range(len(utts) // self.m):
-                groups.append((k, [utts[i] for i in order[g * self.m:(g + 1) * self.m]]))
+                groups.append((k, shuffled[g * self.m:(g + 1) * self.m]))
         groups = [groups[i] for i in rng.permutation(len(groups)).tolist()]
         # Deferred groups are tried again, in order, only after a batch is closed: until then their
         # speakers stay in the open batch (a full batch is closed at once), so a new group alone is tried.

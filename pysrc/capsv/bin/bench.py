@@ -449,7 +449,7 @@ if os.environ.get("CAPSV_BENCH_FIRST_BATCH"):
     _next = dl._BaseDataLoaderIter.__next__
     def _first(self):
         out = _next(self)
-        print(f"FIRST_BATCH {time.time()}", file=sys.stderr, flush=True)
+        print(f"FIRST_BATCH {time.time()} {time.process_time()}", file=sys.stderr, flush=True)
         os._exit(0)
     dl._BaseDataLoaderIter.__next__ = _first
 '''
@@ -495,19 +495,19 @@ def scale_child(d, workers, crop_frames):
 
     from capsv.data import EpisodeLoader, read_data_dir
     cfg = paper_config("cap")["train"]
+    def timed(fn):   # (result, CPU seconds, wall seconds): CPU time is what other work on the machine leaves alone
+        c0, t0 = time.process_time(), time.perf_counter()
+        out = fn()
+        return out, time.process_time() - c0, time.perf_counter() - t0
+
     gc.collect()
     rss0 = memory_kib()[0]
-    t0 = time.perf_counter()
-    utt2spk, nframes, scp = read_data_dir(d)
-    t_read = time.perf_counter() - t0
+    (utt2spk, nframes, scp), c_read, t_read = timed(lambda: read_data_dir(d))
     gc.collect()
     rss_read = memory_kib()[0]
-    t0 = time.perf_counter()
-    sampler = EpisodicBatches(utt2spk, cfg["speakers_per_batch"], cfg["utts_per_speaker"], seed=1)
-    t_init = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    batches = sampler.epoch(1)
-    t_epoch = time.perf_counter() - t0
+    sampler, c_init, t_init = timed(lambda: EpisodicBatches(utt2spk, cfg["speakers_per_batch"],
+                                                             cfg["utts_per_speaker"], seed=1))
+    batches, c_epoch, t_epoch = timed(lambda: sampler.epoch(1))
     used = sum(len(utts) for b in batches for _, utts in b)
     loader = EpisodeLoader(ArkReader(scp), nframes, crop_frames, 1, num_workers=workers, prefetch_factor=2)
     it = iter(loader.epoch(1, batches))
@@ -518,13 +518,15 @@ def scale_child(d, workers, crop_frames):
     n = 1 + sum(1 for _ in it)
     t_loader = time.perf_counter() - t0
     after = [memory_kib(p) for p in pids]
-    print(json.dumps({"utts": len(utt2spk), "read_s": t_read, "read_mib": (rss_read - rss0) / 1024,
-                      "sampler_init_s": t_init, "sampler_epoch_s": t_epoch, "used": used / len(utt2spk),
+    print(json.dumps({"utts": len(utt2spk), "read_s": t_read, "read_cpu": c_read, "read_mib": (rss_read - rss0) / 1024,
+                      "sampler_init_s": t_init, "sampler_init_cpu": c_init, "sampler_epoch_s": t_epoch,
+                      "sampler_epoch_cpu": c_epoch, "used": used / len(utt2spk),
                       "batches": n, "loader_s": t_loader, "workers_start": start, "workers_after": after}))
 
 
 def first_batch(d, exp, workers):
-    """Seconds from launching stage 2's entry point (the paper's config, CPU) to its first batch."""
+    """Seconds from launching stage 2's entry point (the paper's config, CPU) to its first batch: wall, and the
+    CPU time of its main process."""
     hook = os.path.join(exp, "hook")
     os.makedirs(hook, exist_ok=True)
     with open(os.path.join(hook, "sitecustomize.py"), "w") as f:
@@ -538,7 +540,7 @@ def first_batch(d, exp, workers):
     found = [line.split() for line in r.stderr.splitlines() if line.startswith("FIRST_BATCH ")]
     if not found:
         raise RuntimeError(f"stage 2 did not reach its first batch: {r.stderr[-2000:]}")
-    return float(found[0][1]) - t0
+    return float(found[0][1]) - t0, float(found[0][2])
 
 
 def bench_scale(args, device):
@@ -555,17 +557,18 @@ def bench_scale(args, device):
             if r.returncode != 0:
                 raise RuntimeError(f"scale child at {n} utterances failed: {r.stderr[-2000:]}")
             m = json.loads(r.stdout.strip().splitlines()[-1])
-            m["first_batch_s"] = first_batch(d, tmp, workers) if not args.quick else 0.0
+            m["first_batch_s"], m["first_batch_cpu"] = first_batch(d, tmp, workers) if not args.quick else (0.0, 0.0)
         got[n] = m
         rss = [a[0] / 1024 for a in m["workers_after"]]
         own0 = [a[1] / 1024 for a in m["workers_start"]]
         own = [a[1] / 1024 for a in m["workers_after"]]
         out += [
             row("scale", f"read_data_dir, {n:,} utts ({n_spk:,} speakers)",
-                f"{m['read_s']:.2f} s, +{m['read_mib']:.0f} MiB", f"{m['read_s'] / n * 1e6:.2f} µs/utt"),
-            row("scale", f"sampler at {n:,} utts: set-up, one epoch; share of utterances in it",
-                f"{m['sampler_init_s']:.2f} s, {m['sampler_epoch_s']:.2f} s; {100 * m['used']:.1f} %",
-                f"{m['batches']} batches of 200x3"),
+                f"{m['read_cpu']:.2f} s CPU, +{m['read_mib']:.0f} MiB",
+                f"{m['read_cpu'] / n * 1e6:.2f} µs/utt; wall {m['read_s']:.2f} s"),
+            row("scale", f"sampler at {n:,} utts: set-up, one epoch (CPU); share of utterances in the epoch",
+                f"{m['sampler_init_cpu']:.2f} s, {m['sampler_epoch_cpu']:.2f} s; {100 * m['used']:.1f} %",
+                f"{m['batches']} batches of 200x3; wall {m['sampler_init_s']:.2f} s, {m['sampler_epoch_s']:.2f} s"),
             row("scale", f"{len(rss)} loader workers after an epoch's {m['batches']} batches at {n:,} utts "
                          f"({crop_frames}-frame crops)",
                 f"resident {min(rss):.0f}-{max(rss):.0f} MiB, private {min(own):.0f}-{max(own):.0f} MiB",
@@ -573,12 +576,13 @@ def bench_scale(args, device):
         ]
         if not args.quick:
             out.append(row("scale", f"stage 2 start-up at {n:,} utts (conf/cap.yaml, CPU, {workers} workers)",
-                           f"{m['first_batch_s']:.1f} s", "launch to the first batch at the training step"))
-    lo, hi = sizes[0], sizes[-1]
-    grow = lambda k: (got[hi][k] / max(got[lo][k], 1e-9)) / (hi / lo)
-    out.append(row("scale", f"growth {lo:,} -> {hi:,} utts ({hi / lo:.0f}x), per utterance (1.0 = linear)",
-                   f"read {grow('read_s'):.2f}x, memory {grow('read_mib'):.2f}x, sampler epoch "
-                   f"{grow('sampler_epoch_s'):.2f}x"))
+                           f"{m['first_batch_s']:.1f} s", f"launch to the first batch at the training step; "
+                                                          f"main process {m['first_batch_cpu']:.1f} s CPU"))
+    for lo, hi in zip(sizes, sizes[1:]):
+        grow = lambda k: (got[hi][k] / max(got[lo][k], 1e-9)) / (hi / lo)
+        out.append(row("scale", f"growth {lo:,} -> {hi:,} utts ({hi / lo:.1f}x), per utterance (1.0 = linear)",
+                       f"read {grow('read_cpu'):.2f}x, memory {grow('read_mib'):.2f}x, sampler epoch "
+                       f"{grow('sampler_epoch_cpu'):.2f}x (CPU time)"))
     return out
 
 
