@@ -15,7 +15,7 @@
   scale       (only with --only scale) the training data path at 10 k, 100 k and 1,092,009 utterances (VoxCeleb2
               dev: 5,994 speakers), on a fake data dir whose feats.scp points into a few real arks: read_data_dir
               time and memory, the sampler's epoch time and share of utterances used, each of 8 loader workers'
-              resident and private memory after an epoch's batches, and stage 2's start-up to its first step
+              resident and private memory after an epoch's batches, and stage 2's start-up to its first batch
 
 Every figure is the fastest of --repeats runs (timings, not averages: other work only slows a run down).
 Prints a Markdown table (and writes it to --out). --quick shrinks every size so the suite runs in about a
