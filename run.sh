@@ -48,6 +48,8 @@ rdzv_endpoint=""            # --nnodes > 1 without Slurm: HOST:PORT of node 0 fo
 score_gpu=                  # stage 3 jobs on a cluster ask for a GPU each: true | false; empty: as training (--ngpu > 0)
 asnorm=false                # stage 3 also writes AS-norm scores (<list>.asnorm.score), cohort from the train set
 calibration_list=trials     # stage 4: the test set's trial list whose raw scores fit the LLR map and verify's thresholds
+max_bad_frac=0.001          # stage 1: fraction of training utterances that may be left out as unusable audio
+max_bad_frac_test=0         # the same for the test set (0: a test utterance is never dropped silently)
 
 help_message="Usage: bash run.sh [options]
   --stage N / --stop-stage M   run stages N..M (0 data, 1 fbank, 2 train, 3 score, 4 metrics); default 0..4
@@ -76,7 +78,10 @@ help_message="Usage: bash run.sh [options]
   --asnorm true|false          stage 3 also AS-norm normalises every list, the cohort one utterance per training
                                speaker (eval.cohort_size, eval.asnorm_top_k; default $asnorm)
   --calibration-list NAME      trial list of the test set (trials, trials_<x>) that calibrates: the LLR map (Cllr, actDCF,
-                               *.llr.score) and verify's thresholds (default $calibration_list: optimistic on that list)"
+                               *.llr.score) and verify's thresholds (default $calibration_list: optimistic on that list)
+  --max-bad-frac F             stage 1: up to this fraction of training utterances whose audio cannot be used are left
+                               out and listed in data/<set>/bad_utts; more stops the stage (default $max_bad_frac)
+  --max-bad-frac-test F        the same for the test set (default $max_bad_frac_test)"
 
 . ./path.sh
 . steps/parse_options.sh || exit 1
@@ -199,19 +204,32 @@ record_data() {   # after stage 0 (no features yet: no fbank conf) and stage 1; 
 
 # One run per experiment: a lock on each directory this run writes, held (flock) until the run and
 # every job it started have ended, however they end. A lock file whose holder is gone is taken over.
+# The stages that only read a data dir's features (2 reads the training set's, 3 and 4 the test
+# set's, 3 with --asnorm also the training set's) share its lock with other readers, so several
+# trainings run on the same features, but stage 0 or 1 cannot replace them under a running one.
 locks=()
-lock() {
-  local dir=$1 fd holder
+me="run.sh pid $$ on host $(hostname) since $(date '+%F %T')"
+lock() {   # lock DIR [shared]
+  local dir=$1 mode=-x fd holder
+  [ "${2:-}" = shared ] && mode=-s
   mkdir -p "$dir"
   exec {fd}<>"$dir/.run.lock"
   holder=$(cat "$dir/.run.lock")
-  flock -n "$fd" || die "$dir is in use by ${holder:-another run}; wait for it to end or stop it (lock: $dir/.run.lock)"
-  [ -z "$holder" ] || log "taking over the lock of $dir from $holder, which is no longer running"
-  echo "run.sh pid $$ on host $(hostname) since $(date '+%F %T')" > "$dir/.run.lock"
+  flock -n $mode "$fd" || die "$dir is in use by ${holder:-another run}; wait for it to end or stop it (lock: $dir/.run.lock)"
+  # a reader may share the lock with live readers: only a sole holder can tell the holder named is gone
+  if [ $mode = -x ] && [ -n "$holder" ]; then log "taking over the lock of $dir from $holder, which is no longer running"; fi
+  echo "$me" > "$dir/.run.lock"
   locks+=("$dir/.run.lock")
 }
-trap 'for f in ${locks[@]+"${locks[@]}"}; do : > "$f"; done' EXIT   # a clean end leaves no holder named
-if [ $stage -le 1 ]; then lock "$train_dir"; lock "$test_dir"; fi
+# a clean end leaves no holder named (unless another reader has named itself since)
+trap 'for f in ${locks[@]+"${locks[@]}"}; do [ "$(cat "$f")" != "$me" ] || : > "$f"; done' EXIT
+runs() { [ $stage -le $1 ] && [ $stop_stage -ge $1 ]; }
+if [ $stage -le 1 ]; then
+  lock "$train_dir"; lock "$test_dir"
+else
+  if runs 2 || { runs 3 && [ "$asnorm" = true ]; }; then lock "$train_dir" shared; fi
+  if runs 3 || runs 4; then lock "$test_dir" shared; fi
+fi
 # nodes other than 0 of a multi-node training share node 0's exp dir (rank 0 alone writes there)
 if [ $stop_stage -ge 2 ] && [ "$node_rank" = 0 ]; then lock "$expdir"; fi
 
@@ -237,7 +255,8 @@ fi
 if [ $stage -le 1 ] && [ $stop_stage -ge 1 ]; then
   log "stage 1: Kaldi fbank of $fbank_conf ($nj jobs) for $train_dir and $test_dir"
   for d in "$train_dir" "$test_dir"; do
-    steps/make_fbank.sh --nj "$nj" --cmd "$feat_cmd" --fbank-config "$fbank_conf" \
+    frac=$max_bad_frac; [ "$d" = "$test_dir" ] && frac=$max_bad_frac_test
+    steps/make_fbank.sh --nj "$nj" --cmd "$feat_cmd" --fbank-config "$fbank_conf" --max-bad-frac "$frac" \
       "$d" "$fbankdir" "$exp/make_fbank/$(basename "$d")"
   done
   record_data "$fbank_conf"

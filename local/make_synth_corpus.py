@@ -17,7 +17,10 @@ Signal model (source-filter, built in the STFT domain, vectorised numpy):
     irrelevant signal over part of the utterance (a distractor talker or tones).
 
 Everything is seeded from (seed, set, speaker, utterance), so the output does not depend on
-the number of parallel jobs.
+the number of parallel jobs. Each data dir gets a stage0.signature: what made it (this
+generator's SHA-256, the settings, the corpus folder) and the SHA-256 of each of its files. A
+re-run that asks for the same, over files that still match and audio that is all there, is
+skipped; otherwise it says in one line what differs and generates again.
 """
 import argparse
 import functools
@@ -30,7 +33,7 @@ import scipy.fft
 import scipy.signal
 import soundfile as sf
 
-from capsv.utils import UserError, atomic_open, atomic_path, run_main
+from capsv.utils import UserError, atomic_open, atomic_path, run_main, sha256
 
 SR = 16000
 NFFT = 512          # 32 ms analysis window: resolves the harmonics of F0 >= ~90 Hz
@@ -454,6 +457,20 @@ def main():
         raise UserError(f"need 0.5 <= --min-dur <= --max-dur <= 60 s, got {p['min_dur']} and {p['max_dur']}")
 
     corpus = os.path.abspath(a.corpus_dir)
+    asked = [("generator", sha256(os.path.abspath(__file__))), ("size", a.size), ("seed", a.seed),
+             *((k, p[k]) for k in sorted(p)), ("corpus_dir", corpus)]
+    asked = [f"{k} {v}" for k, v in asked]
+    dirs = {set_name: os.path.join(a.data_dir, f"synth_{set_name}") for set_name in ("train", "test")}
+    why = _why_not_current(dirs.values(), asked)
+    if why is None:
+        print(f"make_synth_corpus.py: {a.data_dir}/synth_{{train,test}} were made from these settings "
+              f"(size {a.size}, seed {a.seed}; stage0.signature) and are intact: skipped", flush=True)
+        return
+    if why:
+        print(f"make_synth_corpus.py: {why}: generating again", flush=True)
+    for d in dirs.values():   # what is about to change no longer matches its record
+        if os.path.exists(os.path.join(d, SIGNATURE)):
+            os.remove(os.path.join(d, SIGNATURE))
     jobs, tables = [], {}
     for set_name in ("train", "test"):
         nspk, nutt = p[f"{set_name}_speakers"], p[f"{set_name}_utts"]
@@ -502,7 +519,41 @@ def main():
                 f.write("".join(line + "\n" for line in lines))
             ntar = sum(line.endswith(" target") for line in lines)
             print(f"make_synth_corpus.py: {d}/trials: {ntar} target, {len(lines) - ntar} nontarget")
+        with atomic_open(os.path.join(d, SIGNATURE)) as f:   # last: the record of a complete data dir
+            f.write("".join(line + "\n" for line in asked + _file_hashes(d)))
     print(f"make_synth_corpus.py: done in {time.time() - t0:.1f} s; data dirs in {a.data_dir}/synth_{{train,test}}")
+
+
+SIGNATURE = "stage0.signature"
+DATA_FILES = ("wav.scp", "utt2spk", "spk2utt", "trials")
+
+
+def _file_hashes(d):
+    return [f"{name} {sha256(os.path.join(d, name))}" for name in DATA_FILES if os.path.exists(os.path.join(d, name))]
+
+
+def _why_not_current(dirs, asked):
+    """None if every data dir was made from `asked` and is intact; else why not ('' if never made)."""
+    for d in dirs:
+        try:
+            with open(os.path.join(d, SIGNATURE)) as f:
+                recorded = f.read().splitlines()
+        except FileNotFoundError:
+            return ""
+        made = dict(line.split(" ", 1) for line in recorded[:len(asked)])
+        for line in asked:
+            key, value = line.split(" ", 1)
+            if made.get(key) != value:
+                if key == "generator":
+                    return f"{d} was made by another version of {os.path.basename(__file__)}"
+                return f"{d} was made with {key} {made.get(key, '(none)')}, not {value}"
+        if recorded[len(asked):] != _file_hashes(d):
+            return f"{d} was changed since it was made (its files differ from {SIGNATURE})"
+        with open(os.path.join(d, "wav.scp")) as f:
+            missing = [line.split()[1] for line in f if not os.path.isfile(line.split()[1])]
+        if missing:
+            return f"{d}: {len(missing)} audio files are missing (e.g. {missing[0]})"
+    return None
 
 
 class _Serial:

@@ -114,6 +114,9 @@ def write_data_dir(d, wav_scp):
         f.writelines(f"{u} {u.split('-', 1)[0]}\n" for u in utts)
     with atomic_open(os.path.join(d, "spk2utt")) as f:
         f.writelines(f"{s} {' '.join(us)}\n" for s, us in sorted(spk2utt.items()))
+    # stage 1's list of what it left out belongs to the wav.scp it saw; it makes it again for this one
+    if os.path.exists(os.path.join(d, "bad_utts")):
+        os.remove(os.path.join(d, "bad_utts"))
     return len(utts), len(spk2utt)
 
 

@@ -8,10 +8,14 @@
 #   bash local/run_ablation.sh --seeds "1 2" --poolings "sap cap"
 #
 # Each (seed, pooling) is `run.sh --stage 2` into <exp>/seed<S>/<config name> with --train-opts seed=S,
-# so a run is an ordinary experiment dir (resumable, scored, results.txt). A re-run skips the runs that
-# have their results.txt and resumes an interrupted one from its newest checkpoint. The features are
-# made once (run.sh stages 0-1) unless both data dirs already have them.
-# Writes <exp>/ablation.md (and prints it).
+# so a run is an ordinary experiment dir (resumable, scored, results.txt). The features come from
+# run.sh stages 0-1 first, which skip what was already made from the same settings and redo what
+# was not (another --synth-size, say). Each run dir keeps an ablation.signature: the SHA-256 of its
+# config, its overrides, the SHA-256 of the training and test feats.scp and trials it was made on,
+# and, once finished, of the checkpoint its scores came from. A re-run skips a run whose record
+# matches what is asked now; one made on other features or trials is refused in one line (move it
+# away); one with another config or overrides, or a newer checkpoint, goes to run.sh again, which
+# resumes it (or refuses a change of model). Writes <exp>/ablation.md (and prints it).
 set -euo pipefail
 
 seeds="1 2 3"
@@ -56,24 +60,56 @@ done
 
 common=(--data "$data" --fbankdir "$fbankdir" --corpusdir "$corpusdir" --synth-size "$synth_size"
         --nj "$nj" --cmd-conf "$cmd_conf" $run_opts)
-if [ -s "$data/$train_name/feats.scp" ] && [ -s "$data/$test_name/feats.scp" ]; then
-  log "features already in $data/$train_name and $data/$test_name: stages 0-1 skipped"
-else
-  bash run.sh "${common[@]}" --exp "$exp" --stop-stage 1
-fi
+bash run.sh "${common[@]}" --exp "$exp" --stop-stage 1   # skips what is already made from these settings
+
+die() { echo "$0: ERROR: $*" >&2; exit 1; }
+hash_of() { sha256sum < "$1" | cut -d' ' -f1; }
+# what a run is made from, as its ablation.signature records it (the checkpoint line comes last)
+asked() {
+  echo "config $(hash_of "$1")"
+  echo "train_opts seed=$2 $train_opts"
+  for f in "$data/$train_name/feats.scp" "$data/$test_name/feats.scp" "$data/$test_name/trials"; do
+    echo "${f#"$data/"} $(hash_of "$f")"
+  done
+}
+newest_checkpoint() {   # SHA-256 of a run's newest checkpoint (its .sha256 sidecar, else the bytes)
+  local pt
+  pt=$(ls "$1"/models/epoch_*.pt 2> /dev/null | sort | tail -n 1)
+  [ -n "$pt" ] || return 0
+  if [ -f "$pt.sha256" ]; then awk '$1 == "sha256" { print $2 }' "$pt.sha256"; else hash_of "$pt"; fi
+}
 
 systems=()
 for s in $seeds; do
   for p in $poolings; do
     dir=$exp/seed$s/$(steps/exp_name.sh "$conf_dir/$p.yaml")
     systems+=(--run "$p:$s:$dir")
-    if [ -f "$dir/results.txt" ]; then
-      log "$dir: finished (results.txt), skipped"
-      continue
+    want=$(asked "$conf_dir/$p.yaml" "$s")
+    record=$dir/ablation.signature
+    if [ -f "$record" ]; then
+      made=$(head -n 5 "$record")
+      differ=$(diff <(echo "$made") <(echo "$want") | awk '/^> / { print $2; exit }' || true)
+      case $differ in
+        */feats.scp|*/trials)
+          die "$dir was made on another $differ than $data/$differ is now (see $record); move it away or give another --exp" ;;
+      esac
+      if [ -z "$differ" ] && [ -f "$dir/results.txt" ] &&
+         [ "$(sed -n 's/^checkpoint //p' "$record")" = "$(newest_checkpoint "$dir")" ]; then
+        log "$dir: finished with these inputs (ablation.signature), skipped"
+        continue
+      fi
+      [ -z "$differ" ] || log "$dir: its $differ differs from the record; run.sh resumes it or says why not"
+    elif [ -e "$dir" ]; then
+      die "$dir has no record of what it was made from ($record); move it away or give another --exp"
     fi
+    mkdir -p "$dir"
+    echo "$want" > "$record"
     log "training and scoring $conf_dir/$p.yaml with seed $s into $dir"
     bash run.sh "${common[@]}" --exp "$exp/seed$s" --stage 2 --config "$conf_dir/$p.yaml" \
       --train-opts "seed=$s $train_opts"
+    ckpt=$(python -c 'import json, sys; print(json.load(open(sys.argv[1]))["checkpoint_sha256"])' \
+      "$dir/scores/$test_name.score.json")
+    { echo "$want"; echo "checkpoint $ckpt"; } > "$record"
   done
 done
 

@@ -16,7 +16,7 @@ fi
 dest=${1%/}; shift
 
 mkdir -p "$dest"
-rm -f "$dest/feats.scp" "$dest/utt2num_frames"
+rm -f "$dest/feats.scp" "$dest/utt2num_frames" "$dest/bad_utts"   # stage 1 makes them for the result
 for f in wav.scp utt2spk spk2utt; do
   for src in "$@"; do
     [ -f "$src/$f" ] || { echo "$0: ERROR: $src/$f not found; prepare $src first" >&2; exit 1; }

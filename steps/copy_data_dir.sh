@@ -32,7 +32,7 @@ if [ "$(realpath "$src")" != "$(realpath "$dest")" ]; then
   sort -k1,1 "$src/wav.scp" | put wav.scp
   sort -k1,1 "$src/utt2spk" | put utt2spk
   [ -f "$src/spk2utt" ] && sort -k1,1 "$src/spk2utt" | put spk2utt
-  rm -f "$dest"/trials "$dest"/trials_* "$dest/feats.scp" "$dest/utt2num_frames"
+  rm -f "$dest"/trials "$dest"/trials_* "$dest/feats.scp" "$dest/utt2num_frames" "$dest/bad_utts"   # stage 1's
   for t in "$src"/trials "$src"/trials_*; do
     [ -f "$t" ] && put "$(basename "$t")" < "$t"
   done

@@ -68,16 +68,24 @@ def results_row(exp_dir):
     return float(line[1]), float(line[2])
 
 
-def test_one_command_trains_scores_tabulates_and_resumes(trained_recipe, tmp_path):
-    root = trained_recipe
+def test_one_command_trains_scores_tabulates_and_resumes(tmp_path):
+    """The data dirs hold features of another corpus (made with 6 training speakers, as a run.sh with other
+    settings leaves them): the ablation makes the corpus it is asked for instead of training on those. A
+    re-run skips every finished run; after the features change it refuses the runs made on the old ones."""
+    root = tmp_path
+    sh = lambda cmd: subprocess.run(["bash", "-c", f". ./path.sh && {cmd}"], cwd=ROOT, capture_output=True, text=True)
+    r = sh(f"local/prepare_synth.sh --size tiny --train-speakers 6 {root}/corpus/synth {root}/data && "
+           f"steps/make_fbank.sh {root}/data/synth_train {root}/fbank && steps/make_fbank.sh {root}/data/synth_test {root}/fbank")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     exp = tmp_path / "ablation"
-    cmd = ["bash", "local/run_ablation.sh", "--seeds", "1 2", "--poolings", "tap cap", "--synth-size", "small",
+    cmd = ["bash", "local/run_ablation.sh", "--seeds", "1 2", "--poolings", "tap cap", "--synth-size", "tiny",
            "--data", f"{root}/data", "--fbankdir", f"{root}/fbank", "--corpusdir", f"{root}/corpus",
            "--exp", str(exp), "--boot", "200",
-           "--train-opts", "train.epochs=1 train.speakers_per_batch=10 train.num_workers=0 eval.num_crops=2"]
+           "--train-opts", "train.epochs=1 train.speakers_per_batch=4 train.num_workers=0 eval.num_crops=2"]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert "stages 0-1 skipped" in r.stdout
+    assert f"{root}/data/synth_train was made with train_speakers 6, not 8: generating again" in r.stdout
+    assert "32 utterances, 8 speakers" in (exp / "seed1/mini_cap/log/train.log").read_text()
     table = (exp / "ablation.md").read_text()
     rows = {l.split("|")[2].strip(): [c.strip() for c in l.split("|")[1:-1]]
             for l in table.splitlines() if l.startswith("| NP")}
@@ -95,6 +103,18 @@ def test_one_command_trains_scores_tabulates_and_resumes(trained_recipe, tmp_pat
     before = {p: os.stat(p).st_mtime_ns for p in exp.glob("seed*/mini_*/models/*.pt")}
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert r.stdout.count("finished (results.txt), skipped") == 4 and "training and scoring" not in r.stdout
+    assert "and are intact: skipped" in r.stdout                   # stage 0: the corpus asked for is there
+    assert r.stdout.count("finished with these inputs (ablation.signature), skipped") == 4
+    assert "training and scoring" not in r.stdout
     assert {p: os.stat(p).st_mtime_ns for p in exp.glob("seed*/mini_*/models/*.pt")} == before
     assert (exp / "ablation.md").read_text() == table
+
+    # an audio file rewritten: stage 1 remakes its job's features, and the runs made on the old ones are refused
+    wav = next((root / "corpus/synth/wav/train").rglob("*.wav"))
+    os.utime(wav, ns=(wav.stat().st_atime_ns, wav.stat().st_mtime_ns + 10**9))
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    lines = [l for l in r.stderr.splitlines() if l.strip()]
+    assert r.returncode == 1 and lines == [
+        f"local/run_ablation.sh: ERROR: {exp}/seed1/mini_tap was made on another synth_train/feats.scp than "
+        f"{root}/data/synth_train/feats.scp is now (see {exp}/seed1/mini_tap/ablation.signature); move it away "
+        f"or give another --exp"], r.stderr[-3000:]

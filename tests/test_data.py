@@ -76,7 +76,7 @@ def test_non_finite_features_name_the_utterance(tmp_path, bad):
     feats["spk3-u1"][7, 5] = bad
     kaldiio.save_ark(f"{tmp_path}/bad.ark", {"spk3-u1": feats["spk3-u1"]}, scp=f"{tmp_path}/bad.scp")
     _, nframes, scp = read_data_dir(tmp_path)
-    scp.update(line.split() for line in open(f"{tmp_path}/bad.scp"))
+    scp = {**scp, **dict(line.split() for line in open(f"{tmp_path}/bad.scp"))}
     reader = ArkReader(scp)
     with pytest.raises(UserError, match="spk3-u1: its features hold NaN or Inf"):
         crop(reader, "spk3-u1", nframes["spk3-u1"], min(nframes["spk3-u1"], 20), 0)   # the crop holds row 7
@@ -136,3 +136,46 @@ def test_a_rank_reads_only_its_own_speakers(tmp_path):
     reader.seen = set()
     EpisodeDataset(reader, nframes, [batch], 40, 3, 1, part=(1, 2))[0]
     assert reader.seen == {u for _, utts in batch[2:] for u in utts}
+
+
+def test_tables_are_arrays_that_read_like_the_files(tmp_path):
+    """read_data_dir's tables: numpy arrays behind a read-only mapping (so forked loader workers share their
+    pages), equal to the files' contents whatever their order, and one array of ids shared by all three."""
+    feats = make_data_dir(tmp_path)
+    want = {name: dict(l.split() for l in (tmp_path / name).read_text().splitlines())
+            for name in ("utt2spk", "utt2num_frames", "feats.scp")}
+    for name in want:                                 # unsorted files read the same
+        rewrite(tmp_path / name, lambda ls: ls[::-1])
+    utt2spk, nframes, scp = read_data_dir(tmp_path)
+    assert dict(utt2spk) == want["utt2spk"] and dict(scp) == want["feats.scp"]
+    assert dict(nframes) == {u: int(n) for u, n in want["utt2num_frames"].items()}
+    assert list(utt2spk) == sorted(feats) and list(utt2spk.items()) == sorted(want["utt2spk"].items())
+    assert sorted(set(utt2spk.values())) == sorted(set(want["utt2spk"].values()))
+    assert utt2spk.keys_array is nframes.keys_array is scp.keys_array
+    assert all(t.column.dtype != object for t in (utt2spk, nframes, scp))
+    assert "nosuch" not in scp and "spk0-u0" in scp
+    with pytest.raises(KeyError):
+        nframes["nosuch"]
+    path, offset = want["feats.scp"]["spk1-u2"].rsplit(":", 1)
+    assert scp.locate("spk1-u2") == (path, int(offset))
+
+
+def test_ark_handles_are_a_bounded_lru(tmp_path, monkeypatch):
+    """More arks than MAX_OPEN_ARKS: at most that many open, the least recently used closed first (a hot ark
+    keeps its handle), and every read is right."""
+    import capsv.data
+    monkeypatch.setattr(capsv.data, "MAX_OPEN_ARKS", 4)
+    mats = {f"u{i}": np.full((3, 2), i, dtype=np.float32) for i in range(10)}
+    scp = {}
+    for u, m in mats.items():
+        kaldiio.save_ark(f"{tmp_path}/{u}.ark", {u: m}, scp=f"{tmp_path}/{u}.scp")
+        scp.update(l.split() for l in open(f"{tmp_path}/{u}.scp"))
+    reader = ArkReader(scp)
+    reader.read("u0")
+    hot = reader._files[f"{tmp_path}/u0.ark"]
+    for i in range(1, 10):
+        assert np.array_equal(reader.read(f"u{i}"), mats[f"u{i}"])
+        assert np.array_equal(reader.read("u0"), mats["u0"])
+        assert len(reader._files) <= 4
+    assert reader._files[f"{tmp_path}/u0.ark"] is hot and not hot.closed
+    assert list(reader._files)[-2:] == [f"{tmp_path}/u9.ark", f"{tmp_path}/u0.ark"]

@@ -25,6 +25,9 @@ from test_train import ROOT, SMALL, write_data_dir
 
 N, M, T, CLASSES = 4, 3, 40, 6      # the global batch of the equivalence test: speakers, utterances, frames
 DDP_SMALL = SMALL + ["train.speakers_per_batch=4", "train.lr=0.01"]
+# A bound on waiting is for a job that never ends, with room for a loaded 2-core machine; what ended the job
+# is asserted from its output (torchrun's report, the timeout's own message), not from the wall clock.
+HANG = 300
 
 
 # ---- one step on 2 ranks equals the 1-process step --------------------------------------------
@@ -183,7 +186,7 @@ def test_two_ranks_train_and_resume_on_one_and_back(tmp_path):
     nodes = [subprocess.Popen(["bash", "steps/train.sh", "--ngpu", "1", "--nnodes", "2", "--node-rank", str(k),
                                "--rdzv-endpoint", endpoint, *opts, "train.epochs=5"], cwd=ROOT, env=ENV,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for k in (1, 0)]
-    outs = [p.communicate(timeout=120)[0] for p in nodes]
+    outs = [p.communicate(timeout=HANG)[0] for p in nodes]
     assert [p.returncode for p in nodes] == [0, 0], outs
     logs = (exp / "log/train.log").read_text() + (exp / "log/train.node1.log").read_text()
     assert (f"torchrun --nnodes 2 --nproc-per-node 1 --rdzv-backend c10d --rdzv-endpoint {endpoint} --rdzv-id exp "
@@ -236,7 +239,7 @@ def start_long_run(tmp_path, *overrides):
     out = open(tmp_path / "out.txt", "w+")
     proc = subprocess.Popen(train_cmd(tmp_path / "data", tmp_path / "exp", "train.epochs=500", *overrides),
                             stdout=out, stderr=subprocess.STDOUT, env=ENV)
-    deadline = time.time() + 60
+    deadline = time.time() + HANG
     while not (tmp_path / "exp/models/epoch_0001.pt").exists():   # training under way on both ranks
         assert proc.poll() is None and time.time() < deadline, (tmp_path / "out.txt").read_text()[-3000:]
         time.sleep(0.1)
@@ -247,12 +250,11 @@ def test_a_killed_rank_ends_the_job_naming_it(tmp_path):
     proc, out = start_long_run(tmp_path)
     try:
         os.kill(rank_pid(proc.pid, 1), signal.SIGKILL)
-        t0 = time.time()
-        rc = proc.wait(timeout=60)
+        rc = proc.wait(timeout=HANG)
     finally:
         proc.kill()
     text = (tmp_path / "out.txt").read_text()
-    assert rc != 0 and time.time() - t0 < 30, text[-3000:]
+    assert rc != 0, text[-3000:]
     # torchrun's report: the root cause is rank 1, killed
     assert re.search(r"Root Cause.*?rank\s*: 1 \(local_rank: 1\)\s*\n\s*exitcode\s*: -9", text, re.S), text[-3000:]
     assert "[rank0]: Traceback" not in text    # rank 0, if it noticed first, said so in a line
@@ -265,15 +267,16 @@ def test_a_hung_rank_ends_the_job_after_the_collective_timeout(tmp_path):
         os.kill(hung, signal.SIGSTOP)           # alive but silent: only the timeout can notice
         t0 = time.time()
         while "ERROR: rank 0: lost contact" not in (tmp_path / "out.txt").read_text():
-            assert time.time() - t0 < 30 and proc.poll() is None, (tmp_path / "out.txt").read_text()[-3000:]
+            assert time.time() - t0 < HANG and proc.poll() is None, (tmp_path / "out.txt").read_text()[-3000:]
             time.sleep(0.2)
         waited = time.time() - t0
         os.kill(hung, signal.SIGCONT)           # stuck, not stopped: it can take torchrun's SIGTERM
-        rc = proc.wait(timeout=60)
+        rc = proc.wait(timeout=HANG)
     finally:
         proc.kill()
     text = (tmp_path / "out.txt").read_text()
-    assert rc != 0 and 2 < waited < 20, (waited, text[-3000:])
+    # the collective timeout (3 s) ended it: rank 0's line quotes it, and it cannot fire sooner
+    assert rc != 0 and waited > 2, (waited, text[-3000:])
     lines = error_lines(text)
     assert re.fullmatch(r"ERROR: rank 0: lost contact with another rank \(RuntimeError: Timed out waiting 3000ms "
                         r"for \w+ operation to complete\); torchrun's report names the rank that failed", lines[0]), lines

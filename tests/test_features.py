@@ -127,23 +127,26 @@ def test_too_short(tmp_path):
 
 
 def test_compute_fbank_cli(tmp_path):
-    """The job entry point: ark/scp/utt2num_frames, resampling said once, absolute ark path."""
+    """The job entry point: outputs named by the job's signature, resampling said once, absolute ark path."""
     for i, sr in enumerate([8000, 16000, 8000]):
         write_wav(tmp_path / f"w{i}.wav", sr, sr=sr, seed=i)
     (tmp_path / "wav.scp").write_text("".join(f"u{i} {tmp_path}/w{i}.wav\n" for i in range(3)))
     # relative output names: the scp must still name the ark absolutely
     r = subprocess.run([sys.executable, "-m", "capsv.bin.compute_fbank", "--fbank-config", CONF,
-                        "wav.scp", "out/f.ark", "out/f.scp", "out/u2nf"],
+                        "wav.scp", "out/f", "record"],
                        capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert r.stderr.count("resampled 2 utterances from 8000 Hz to 16000 Hz") == 1 and "resampl" not in r.stdout
+    prefix = (tmp_path / "record").read_text().strip()
+    assert prefix.startswith(f"{tmp_path}/out/f.") and len(prefix.rsplit(".", 1)[1]) == 16
     import kaldiio
-    scp = (tmp_path / "out" / "f.scp").read_text().split("\n")[0]
-    assert scp.startswith(f"u0 {tmp_path}/out/f.ark:")
-    feats = dict(kaldiio.load_scp(str(tmp_path / "out" / "f.scp")))
+    scp = open(f"{prefix}.scp").read().split("\n")[0]
+    assert scp.startswith(f"u0 {prefix}.ark:")
+    feats = dict(kaldiio.load_scp(f"{prefix}.scp"))
     assert [feats[f"u{i}"].shape for i in range(3)] == [(98, 40)] * 3
-    assert (tmp_path / "out" / "u2nf").read_text() == "u0 98\nu1 98\nu2 98\n"
-    assert sorted(os.listdir(tmp_path / "out")) == ["f.ark", "f.scp", "f.scp.done", "u2nf"]   # no temporaries left
+    assert open(f"{prefix}.utt2num_frames").read() == "u0 98\nu1 98\nu2 98\n"
+    name = os.path.basename(prefix)
+    assert sorted(os.listdir(tmp_path / "out")) == [f"{name}.{x}" for x in ("ark", "bad", "done", "scp", "utt2num_frames")]
 
 
 # ---------------------------------------------------------------- against kaldi-native-fbank

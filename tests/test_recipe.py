@@ -1,10 +1,13 @@
 """run.sh end to end on a tiny corpus (stages 0-4), re-entry at stage 3, and bad input at the top."""
 import hashlib
 import os
+import shutil
 import subprocess
 
 import pytest
 import yaml
+
+from capsv import checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -86,6 +89,26 @@ def test_second_config_trains_into_its_own_exp(recipe):
     assert (tmp / "exp/tiny_sap/results.txt").is_file() and (tmp / "exp/tiny_cap/results.txt").is_file()
 
 
+def test_stage_4_refuses_scores_of_an_earlier_checkpoint(recipe, tmp_path):
+    """Training went on after stage 3 (a newer checkpoint): stage 4 stops in one line naming the stale score
+    file, and writes nothing."""
+    tmp, _ = recipe
+    exp = tmp_path / "exp/tiny_cap"
+    shutil.copytree(tmp / "exp/tiny_cap", exp)
+    state = checkpoint.load_for_inference(exp)
+    state = {k: v for k, v in state.items() if k not in ("file", "sha256")}
+    state["epoch"] = 3
+    state["model"] = {k: v + 0.01 if v.is_floating_point() else v for k, v in state["model"].items()}
+    checkpoint.save_checkpoint(exp / "models", 3, state)
+    before = (exp / "results.txt").read_bytes()
+    r = subprocess.run(["bash", "run.sh", "--stage", "4", "--config", str(tmp / "tiny_cap.yaml"),
+                        "--data", str(tmp / "data"), "--exp", str(tmp_path / "exp")], cwd=ROOT, capture_output=True, text=True)
+    line = one_error_line(r)
+    assert f"{exp}/scores/synth_test.score was scored with epoch 2's checkpoint, not with the newest one of {exp} " \
+           f"(epoch_0003.pt): the scores are stale; re-run stage 3, then stage 4" in line
+    assert (exp / "results.txt").read_bytes() == before
+
+
 def one_error_line(r):
     lines = [l for l in r.stderr.splitlines() if l.strip()]
     assert r.returncode != 0 and len(lines) == 1, r.stderr
@@ -164,13 +187,26 @@ def results_eer(path):
     return {r[0]: float(r[1]) for r in rows}
 
 
+def train_loss(exp):
+    rows = [l.split(",") for l in (exp / "train_log.csv").read_text().splitlines()]
+    col = rows[0].index("loss")
+    return [float(r[col]) for r in rows[1:]]
+
+
 def test_training_learns(trained_recipe):
-    """The recipe end to end (tests/conftest.py: run.sh stages 0-4 on the small corpus, 10 epochs): CAP's EER on
-    the 300 unseen-speaker trials is well below the no-training baseline's. With 150 target trials an EER's
-    standard error is about 4 points, so 12 points is three of them; CPU training is deterministic, so this
-    cannot flake."""
+    """The recipe end to end (tests/conftest.py: run.sh stages 0-4 on the small corpus, 10 epochs, seed 1): CAP's
+    EER on the 300 unseen-speaker trials is well below the no-training baseline's (46.00 %, the same everywhere).
+
+    CPU training is bit-deterministic on one machine only, and another CPU or torch build moves a 10-epoch run
+    as another seed does. CAP's EER over seeds 1-3 on AMD (30.67, 36.67, 33.33), seed 1 on Intel (32.00) and
+    seed 1 under torch 2.11 (35.33): mean 33.6, sd 2.4; the bound, mean + 3 sd = 40.8, is 5 points under the
+    baseline, and the worst run seen is 4.3 points inside it. SAP's spread at this budget reaches the baseline
+    (28.00, 42.00, 45.33 on AMD seeds 1-3, 36.00 on Intel): its seed 3 barely trains in 10 epochs (loss 7.69 ->
+    5.47, NP accuracy 0.26; seed 1: 7.04 -> 3.80, 0.61). So SAP is held to training: its loss falls by more than
+    1 (over seeds 1-3 it fell by 3.24, 2.72 and 2.22)."""
     cap = results_eer(trained_recipe / "exp/small_cap/results.txt")["synth_test"]
-    sap = results_eer(trained_recipe / "exp/small_sap/results.txt")["synth_test"]
     baseline = results_eer(trained_recipe / "exp/baseline_mean_fbank/results.txt")["synth_test"]
     assert baseline > 40, baseline               # utterance-mean fbank says next to nothing about the speaker
-    assert cap < baseline - 12 and sap < baseline - 12, (cap, sap, baseline)
+    assert cap < baseline - 5, (cap, baseline)
+    sap = train_loss(trained_recipe / "exp/small_sap")
+    assert len(sap) == 10 and sap[-1] < sap[0] - 1, sap

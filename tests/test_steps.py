@@ -258,15 +258,15 @@ def test_make_fbank(tmp_path):
     assert "OK (3 utterances, 2 speakers, features checked)" in r.stdout
     scp = (d / "feats.scp").read_text().splitlines()
     assert [line.split()[0] for line in scp] == sorted(lengths)
-    assert all(line.split()[1].startswith(f"{tmp_path}/fbank/t/raw_fbank.") for line in scp)
+    assert all(line.split()[1].startswith(f"{tmp_path}/fbank/t-") and "/raw_fbank." in line for line in scp)
     want = {u: 1 + (n - 400) // 160 for u, n in lengths.items()}
     assert (d / "utt2num_frames").read_text() == "".join(f"{u} {want[u]}\n" for u in sorted(lengths))
     for u, m in kaldiio.load_scp(str(d / "feats.scp")).items():
         assert m.dtype == np.float32 and m.shape == (want[u], 40)
     assert (d / "log" / "make_fbank_t.2.log").exists()
 
-    # Missing wavs (one in each job's part): one clear line per job log, non-zero exit,
-    # feats.scp and utt2num_frames untouched.
+    # Missing wavs (one in each job's part: s1-a in job 1, s2-a in job 2): one clear line per job
+    # log, non-zero exit, feats.scp and utt2num_frames untouched.
     before = (d / "feats.scp").read_text(), (d / "utt2num_frames").read_text()
     (tmp_path / "s1-a.wav").unlink()
     (tmp_path / "s2-a.wav").unlink()

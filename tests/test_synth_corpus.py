@@ -116,12 +116,30 @@ def test_bad_options_are_one_line_errors(tmp_path):
 
 
 def test_prepare_synth_sh(tmp_path):
-    r = subprocess.run(["bash", "local/prepare_synth.sh", "--size", "tiny", "--nj", "2", *SMALL,
-                        str(tmp_path / "corpus"), str(tmp_path / "data")],
-                       cwd=ROOT, env=_env(), capture_output=True, text=True)
-    assert r.returncode == 0, r.stdout + r.stderr
+    """The stage-0 wrapper; a re-run with the same settings is skipped (stage0.signature), one that asks for
+    other settings, or finds a data file edited or audio gone, says what differs and generates again."""
+    def prepare(*opts):
+        r = subprocess.run(["bash", "local/prepare_synth.sh", "--size", "tiny", "--nj", "2", *SMALL, *opts,
+                            str(tmp_path / "corpus"), str(tmp_path / "data")],
+                           cwd=ROOT, env=_env(), capture_output=True, text=True)
+        assert r.returncode == 0, r.stdout + r.stderr
+        return r.stdout
+    prepare()
     assert (tmp_path / "corpus/log/make_synth_corpus.log").read_text().strip()
     assert len(lines(tmp_path / "data/synth_test/trials")) == 18
+    sig = lines(tmp_path / "data/synth_train/stage0.signature")
+    assert sig[1:4] == ["size tiny", "seed 5", "max_dur 0.9"] and sig[-3].startswith("wav.scp ")
+    files = sorted(p for p in tmp_path.rglob("*") if p.is_file() and "log" not in p.parts)
+    before = {p: p.stat().st_mtime_ns for p in files}
+    assert "were made from these settings (size tiny, seed 5; stage0.signature) and are intact: skipped" in prepare()
+    assert {p: p.stat().st_mtime_ns for p in files} == before
+    assert f"{tmp_path}/data/synth_train was made with seed 5, not 6: generating again" in prepare("--seed", "6")
+    assert lines(tmp_path / "data/synth_test/stage0.signature")[2] == "seed 6"
+    (tmp_path / "data/synth_test/trials").write_text("te0001-u001 te0002-u001 target\n")
+    assert "synth_test was changed since it was made (its files differ from stage0.signature)" in prepare("--seed", "6")
+    assert len(lines(tmp_path / "data/synth_test/trials")) == 18
+    next((tmp_path / "corpus/wav/train").rglob("*.wav")).unlink()
+    assert "synth_train: 1 audio files are missing" in prepare("--seed", "6")
     # wrong usage and unknown options fail
     r = subprocess.run(["bash", "local/prepare_synth.sh", str(tmp_path / "corpus")], cwd=ROOT, env=_env(),
                        capture_output=True, text=True)

@@ -1,7 +1,15 @@
-"""Training data: Kaldi data dirs, crop reads from ark files, episodic batches."""
+"""Training data: Kaldi data dirs, crop reads from ark files, episodic batches.
+
+The per-utterance tables of a data dir (utt2spk, utt2num_frames, feats.scp) are held in numpy
+arrays (UttTable), not dicts of strings: DataLoader workers forked from the training process
+share its memory pages until they write to them, and looking up a Python object writes its
+reference count, so every worker would end up with a private copy of most of a 1.09 M-entry
+dict. Arrays hold no per-entry objects (python -m capsv.bin.bench --only scale measures both).
+"""
+import collections
+import gc
 import os
 import struct
-from collections import Counter
 
 import kaldiio
 import numpy as np
@@ -9,59 +17,183 @@ import torch
 
 from capsv.utils import UserError, read_table
 
+MAX_OPEN_ARKS = 64   # ark handles a reader keeps open, least recently used closed first
 
-def _table(data_dir, name):
-    """{key: value} of a two-column data-dir file; empty or repeated keys are errors naming the file."""
+
+class UttTable(collections.abc.Mapping):
+    """A read-only {utterance: value} over a sorted array of ids (bytes) and an array of values.
+
+    `column[i]` is the value of `keys_array[i]`, or an index into `labels` (speakers, ark paths) when
+    those are given; lookups are a binary search. Iterating yields the ids in sorted (LC_ALL=C) order.
+    """
+
+    def __init__(self, keys, column, labels=None):
+        self.keys_array, self.column, self.labels = keys, column, labels
+
+    def index(self, utt):
+        b = utt.encode()
+        i = int(np.searchsorted(self.keys_array, b))
+        if i == len(self.keys_array) or self.keys_array[i] != b:
+            raise KeyError(utt)
+        return i
+
+    def value_at(self, i):
+        v = self.column[i]
+        if self.labels is not None:
+            return self.labels[v]
+        return v.decode() if isinstance(v, bytes) else v.item()
+
+    def __getitem__(self, utt):
+        return self.value_at(self.index(utt))
+
+    def __contains__(self, utt):
+        try:
+            self.index(utt)
+        except (KeyError, AttributeError):
+            return False
+        return True
+
+    def __iter__(self):
+        return (k.decode() for k in self.keys_array)
+
+    def __len__(self):
+        return len(self.keys_array)
+
+    def items(self):
+        return _Items(self)
+
+    def values(self):
+        return _Values(self)
+
+
+class _Items(collections.abc.ItemsView):
+    def __iter__(self):   # in order, without a search per key
+        t = self._mapping
+        return zip(iter(t), (t.value_at(i) for i in range(len(t))))
+
+
+class _Values(collections.abc.ValuesView):
+    def __iter__(self):
+        t = self._mapping
+        return (t.value_at(i) for i in range(len(t)))
+
+
+class FeatsTable(UttTable):
+    """feats.scp as arrays: each utterance's ark (an index into `labels`, the ark paths) and byte offset."""
+
+    def __init__(self, keys, ark_index, offsets, arks):
+        super().__init__(keys, offsets, arks)
+        self.ark_index = ark_index
+
+    def locate(self, utt):
+        """(ark path, byte offset) of utt's matrix."""
+        i = self.index(utt)
+        return self.labels[self.ark_index[i]], int(self.column[i])
+
+    def value_at(self, i):
+        return f"{self.labels[self.ark_index[i]]}:{self.column[i]}"
+
+
+def _columns(data_dir, name):
+    """(keys, values): the two columns of a data-dir file as bytes arrays, sorted by key; an empty file,
+    a line without exactly two fields or a repeated key is an error naming the file."""
     path = os.path.join(data_dir, name)
-    rows = read_table(path, 2)
-    if not rows:
+    with open(path, "rb") as f:
+        data = f.read()
+    tokens = data.split()
+    lines = data.count(b"\n") + (not data.endswith(b"\n") and bool(data))
+    if len(tokens) != 2 * lines:   # blank lines, or a line of other than two fields: say which, as read_table does
+        rows = read_table(path, 2)
+        tokens = [t.encode() for row in rows for t in row]
+    if not tokens:
         raise UserError(f"{path} is empty (no utterances); re-run stage 0 and 1 for {data_dir}")
-    table = dict(rows)
-    if len(table) != len(rows):
-        dup = next(k for k, n in Counter(k for k, _ in rows).items() if n > 1)
-        raise UserError(f"{path} lists {dup} more than once; re-run stage 0 and 1 for {data_dir}")
-    return table
+    keys, values = np.array(tokens[0::2]), np.array(tokens[1::2])
+    if not (keys[1:] > keys[:-1]).all():   # not sorted, or a key repeats
+        order = np.argsort(keys, kind="stable")
+        keys, values = keys[order], values[order]
+        same = keys[1:] == keys[:-1]
+        if same.any():
+            dups = set(keys[1:][same].tolist())
+            dup = next(k for k in tokens[0::2] if k in dups)
+            raise UserError(f"{path} lists {dup.decode()} more than once; re-run stage 0 and 1 for {data_dir}")
+    return keys, values
+
+
+def _frame_counts(data_dir, keys, values):
+    ok = np.char.isdigit(values)
+    if ok.all():
+        counts = values.astype(np.int64)
+        ok = counts > 0
+    if not ok.all():   # a crop of a zero-frame matrix is meaningless
+        i = int(np.flatnonzero(~ok)[0])
+        raise UserError(f"{data_dir}/utt2num_frames: {keys[i].decode()} has '{values[i].decode()}' frames, not a "
+                        f"positive integer; re-run stage 1 (steps/make_fbank.sh) for {data_dir}")
+    return counts.astype(np.int32)
+
+
+def _labels(column):
+    """(labels, index) with labels[index[i]] == column[i]: by runs when the column is grouped and sorted
+    (speakers in a Kaldi utt2spk), else by sorting; both linear in practice."""
+    if len(column) and (column[1:] >= column[:-1]).all():
+        starts = np.concatenate([[True], column[1:] != column[:-1]])
+        return column[starts], (np.cumsum(starts) - 1).astype(np.int32)
+    labels, index = np.unique(column, return_inverse=True)
+    return labels, index.astype(np.int32)
+
+
+def _feats_table(keys, specs):
+    """feats.scp as ark indices and offsets when every entry is `<path>:<offset>`; else the specs as they are."""
+    parts = [s.rpartition(b":") for s in specs.tolist()]
+    if all(sep and path and off.isdigit() for path, sep, off in parts):
+        arks = {}
+        index = np.array([arks.setdefault(path, len(arks)) for path, _, _ in parts], dtype=np.int32)
+        offsets = np.array([off for _, _, off in parts]).astype(np.int64)
+        return FeatsTable(keys, index, offsets, [a.decode() for a in arks])
+    return UttTable(keys, specs)
 
 
 def read_data_dir(data_dir, need=("feats.scp", "utt2spk", "utt2num_frames")):
-    """The parts of a Kaldi data dir that training and scoring use, checked to agree."""
+    """The parts of a Kaldi data dir that training and scoring use, checked to agree: utt2spk,
+    utt2num_frames and feats.scp as read-only mappings (UttTable) over one shared array of ids."""
     for name in need:
         if not os.path.isfile(os.path.join(data_dir, name)):
             raise UserError(f"{data_dir}/{name} is missing; run stage 0 and 1 for this data dir first")
-    utt2spk = _table(data_dir, "utt2spk")
-    nframes = {}
-    for utt, n in _table(data_dir, "utt2num_frames").items():
-        if not (n.isascii() and n.isdigit() and int(n) > 0):   # a crop of a zero-frame matrix is meaningless
-            raise UserError(f"{data_dir}/utt2num_frames: {utt} has '{n}' frames, not a positive integer; "
-                            f"re-run stage 1 (steps/make_fbank.sh) for {data_dir}")
-        nframes[utt] = int(n)
-    scp = _table(data_dir, "feats.scp")
-    if not (utt2spk.keys() == nframes.keys() == scp.keys()):
+    keys, spk = _columns(data_dir, "utt2spk")
+    speakers, spk_index = _labels(spk)
+    utt2spk = UttTable(keys, spk_index, [s.decode() for s in speakers.tolist()])
+    if not all(os.path.isfile(os.path.join(data_dir, n)) for n in ("utt2num_frames", "feats.scp")):
+        return utt2spk, None, None   # not needed (`need`), and not there
+    k2, counts = _columns(data_dir, "utt2num_frames")
+    nframes = _frame_counts(data_dir, k2, counts)
+    k3, specs = _columns(data_dir, "feats.scp")
+    if not (len(keys) == len(k2) == len(k3) and (keys == k2).all() and (keys == k3).all()):
         raise UserError(f"{data_dir}: utt2spk, utt2num_frames and feats.scp list different utterances; "
                         f"re-run stage 1 (steps/make_fbank.sh) for it")
-    return utt2spk, nframes, scp
+    return utt2spk, UttTable(keys, nframes), _feats_table(keys, specs)
 
 
 class ArkReader:
     """Random access to feats.scp matrices, reading only the rows asked for.
 
     Uncompressed float matrices (what stage 1 writes) are read by seeking to the wanted
-    rows; anything else falls back to kaldiio. File handles are opened per process, so a
-    reader can be shared with DataLoader workers.
+    rows; anything else falls back to kaldiio. File handles are opened per process (at most
+    MAX_OPEN_ARKS, the least recently used closed first), so a reader can be shared with
+    DataLoader workers.
     """
 
     def __init__(self, scp):
-        self.scp = scp              # utt -> "path:offset"
-        self._files = {}
+        self.scp = scp              # utt -> "path:offset" (a FeatsTable, or any mapping)
+        self._files = collections.OrderedDict()
 
     def _file(self, path):
         f = self._files.get(path)
-        if f is None:
-            if len(self._files) > 64:
-                for h in self._files.values():
-                    h.close()
-                self._files.clear()
-            f = self._files[path] = open(path, "rb")
+        if f is not None:
+            self._files.move_to_end(path)
+            return f
+        f = open(path, "rb")
+        self._files[path] = f
+        if len(self._files) > MAX_OPEN_ARKS:
+            self._files.popitem(last=False)[1].close()
         return f
 
     def read(self, utt, start=0, count=None):
@@ -70,8 +202,13 @@ class ArkReader:
         Rows past the matrix's end are an error, not a short read: utt2num_frames says more
         frames than feats.scp holds, i.e. it is stale.
         """
-        spec = self.scp[utt]
-        path, _, offset = spec.rpartition(":")
+        locate = getattr(self.scp, "locate", None)
+        if locate is not None:
+            path, offset = locate(utt)
+            spec, offset = f"{path}:{offset}", str(offset)
+        else:
+            spec = self.scp[utt]
+            path, _, offset = spec.rpartition(":")
         if path and offset.isdigit():
             try:
                 f = self._file(path)
@@ -101,7 +238,7 @@ class ArkReader:
         return count
 
     def __getstate__(self):
-        return {"scp": self.scp, "_files": {}}
+        return {"scp": self.scp, "_files": collections.OrderedDict()}
 
 
 def crop(reader, utt, num_frames, length, start):
@@ -130,8 +267,16 @@ class EpisodicBatches:
 
     def __init__(self, utt2spk, n_speakers, n_utts, seed):
         spk2utts = {}
-        for utt, spk in sorted(utt2spk.items()):
-            spk2utts.setdefault(spk, []).append(utt)
+        if isinstance(utt2spk, UttTable) and utt2spk.labels is not None:   # by speaker index, in id order
+            utts = [k.decode() for k in utt2spk.keys_array]
+            order = np.argsort(utt2spk.column, kind="stable")
+            spk = utt2spk.column[order]
+            cuts = np.flatnonzero(spk[1:] != spk[:-1]) + 1
+            for part in np.split(order, cuts):
+                spk2utts[utt2spk.labels[utt2spk.column[part[0]]]] = [utts[i] for i in part.tolist()]
+        else:
+            for utt, spk in sorted(utt2spk.items()):
+                spk2utts.setdefault(spk, []).append(utt)
         # a speaker who cannot fill one group would never be in a batch (nor trained as a class)
         self.spk2utts = {s: u for s, u in spk2utts.items() if len(u) >= n_utts}
         self.skipped = sorted(s for s in spk2utts if s not in self.spk2utts)
@@ -143,28 +288,47 @@ class EpisodicBatches:
                             f"{n_speakers}; lower train.speakers_per_batch or train.utts_per_speaker")
 
     def epoch(self, epoch):
+        # The groups made here hold no reference cycles; with the collector on, its passes over a
+        # VoxCeleb-sized heap, one per few hundred new lists, would double the time.
+        enabled = gc.isenabled()
+        gc.disable()
+        try:
+            return self._epoch(epoch)
+        finally:
+            if enabled:
+                gc.enable()
+
+    def _epoch(self, epoch):
         rng = np.random.default_rng([self.seed, epoch, 0])
         groups = []
         for k, spk in enumerate(self.speakers):
             utts = self.spk2utts[spk]
-            order = rng.permutation(len(utts))
+            shuffled = [utts[i] for i in rng.permutation(len(utts)).tolist()]
             for g in range(len(utts) // self.m):
-                groups.append((k, [utts[i] for i in order[g * self.m:(g + 1) * self.m]]))
-        groups = [groups[i] for i in rng.permutation(len(groups))]
-        batches, open_batch, held, deferred = [], [], set(), []
+                groups.append((k, shuffled[g * self.m:(g + 1) * self.m]))
+        groups = [groups[i] for i in rng.permutation(len(groups)).tolist()]
+        # Deferred groups are tried again, in order, only after a batch is closed: until then their
+        # speakers stay in the open batch (a full batch is closed at once), so a new group alone is tried.
+        batches, open_batch, held, deferred, retry = [], [], set(), [], False
         for group in groups:
-            deferred.append(group)
-            keep = []
-            for g in deferred:
-                if g[0] in held or len(open_batch) == self.n:
-                    keep.append(g)
-                    continue
-                open_batch.append(g)
-                held.add(g[0])
-            deferred = keep
+            if retry:
+                deferred.append(group)
+                keep = []
+                for g in deferred:
+                    if g[0] in held or len(open_batch) == self.n:
+                        keep.append(g)
+                        continue
+                    open_batch.append(g)
+                    held.add(g[0])
+                deferred, retry = keep, False
+            elif group[0] in held:
+                deferred.append(group)
+            else:
+                open_batch.append(group)
+                held.add(group[0])
             if len(open_batch) == self.n:
                 batches.append(open_batch)
-                open_batch, held = [], set()
+                open_batch, held, retry = [], set(), bool(deferred)
         return batches
 
 

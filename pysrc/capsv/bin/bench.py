@@ -12,6 +12,10 @@
   fbank       stage 1 throughput, audio reading included, x real time per core (one thread)
   loader      training crops/s per loader worker from an ark in the page cache, and the data-wait share of
               training steps with one worker (the mini config's)
+  scale       (only with --only scale) the training data path at 10 k, 100 k and 1,092,009 utterances (VoxCeleb2
+              dev: 5,994 speakers), on a fake data dir whose feats.scp points into a few real arks: read_data_dir
+              time and memory, the sampler's epoch time and share of utterances used, each of 8 loader workers'
+              resident and private memory after an epoch's batches, and stage 2's start-up to its first batch
 
 Every figure is the fastest of --repeats runs (timings, not averages: other work only slows a run down).
 Prints a Markdown table (and writes it to --out). --quick shrinks every size so the suite runs in about a
@@ -49,7 +53,8 @@ from capsv.scoring import _CapPairs, cache_from_frames, partner_independent, sco
 from capsv.utils import run_main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-NAMES = ["pooling", "train_step", "scoring", "embedding", "metrics", "fbank", "loader"]
+NAMES = ["pooling", "train_step", "scoring", "embedding", "metrics", "fbank", "loader"]   # the default suite
+EXTRA = ["scale"]   # minutes long: by name only
 
 
 def paper_config(pooling="cap"):
@@ -432,8 +437,158 @@ def bench_loader(args, device):
                 f"{100 * wait / (wait + busy):.1f} %", f"step {busy / steps:.2f} s, waited {wait / steps * 1e3:.0f} ms")]
 
 
+# (h) ----------------------------------------------------------------------------------------------------
+
+VOX2_UTTS, VOX2_SPEAKERS = 1_092_009, 5_994
+# put on stage 2's PYTHONPATH: the time its first batch reaches the training step, then the end (what the
+# step then costs is the model's, not the data path's)
+FIRST_BATCH_HOOK = '''
+import os, sys, time
+if os.environ.get("CAPSV_BENCH_FIRST_BATCH"):
+    import torch.utils.data.dataloader as dl
+    _next = dl._BaseDataLoaderIter.__next__
+    def _first(self):
+        out = _next(self)
+        print(f"FIRST_BATCH {time.time()} {time.process_time()}", file=sys.stderr, flush=True)
+        os._exit(0)
+    dl._BaseDataLoaderIter.__next__ = _first
+'''
+
+
+def fake_data_dir(d, n_utts, n_spk, n_mats=64):
+    """A training data dir of n_utts VoxCeleb-style ids over n_spk speakers whose feats.scp points, round
+    robin, into n_mats real matrices of one ark (named as stage 1 names them)."""
+    os.makedirs(d, exist_ok=True)
+    rng = np.random.default_rng(0)
+    ark = os.path.join(d, "raw_fbank.1.0123456789abcdef.ark")
+    mats = [rng.standard_normal((int(rng.integers(300, 800)), 40)).astype(np.float32) for _ in range(n_mats)]
+    with kaldiio.WriteHelper(f"ark,scp:{ark},{d}/mats.scp") as w:
+        for i, m in enumerate(mats):
+            w(f"m{i:03d}", m)
+    with open(f"{d}/mats.scp") as f:
+        locs = [line.split()[1] for line in f]
+    utts = []
+    for s in range(n_spk):
+        for k in range(n_utts // n_spk + (s < n_utts % n_spk)):
+            utts.append((f"id{10001 + s:05d}-{k // 8:011d}-{k % 8 + 1:05d}", f"id{10001 + s:05d}"))
+    with open(f"{d}/utt2spk", "w") as f:
+        f.write("".join(f"{u} {s}\n" for u, s in utts))
+    with open(f"{d}/feats.scp", "w") as f:
+        f.write("".join(f"{u} {locs[i % n_mats]}\n" for i, (u, _) in enumerate(utts)))
+    with open(f"{d}/utt2num_frames", "w") as f:
+        f.write("".join(f"{u} {len(mats[i % n_mats])}\n" for i, (u, _) in enumerate(utts)))
+    with open(ark, "rb") as f:   # in the page cache: the figures are the tables', not the disk's
+        while f.read(1 << 24):
+            pass
+
+
+def memory_kib(pid="self"):
+    """(resident, private) KiB of a process: private pages are its own, not shared with its parent."""
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        fields = {line.split(":")[0]: int(line.split()[1]) for line in f if line.split()[-1] == "kB"}
+    return fields["Rss"], fields["Private_Clean"] + fields["Private_Dirty"]
+
+
+def scale_child(d, workers, crop_frames):
+    """Measure the training data path on data dir d in this process; print one JSON line."""
+    import gc
+
+    from capsv.data import EpisodeLoader, read_data_dir
+    cfg = paper_config("cap")["train"]
+    def timed(fn):   # (result, CPU seconds, wall seconds): CPU time is what other work on the machine leaves alone
+        c0, t0 = time.process_time(), time.perf_counter()
+        out = fn()
+        return out, time.process_time() - c0, time.perf_counter() - t0
+
+    gc.collect()
+    rss0 = memory_kib()[0]
+    (utt2spk, nframes, scp), c_read, t_read = timed(lambda: read_data_dir(d))
+    gc.collect()
+    rss_read = memory_kib()[0]
+    sampler, c_init, t_init = timed(lambda: EpisodicBatches(utt2spk, cfg["speakers_per_batch"],
+                                                             cfg["utts_per_speaker"], seed=1))
+    batches, c_epoch, t_epoch = timed(lambda: sampler.epoch(1))
+    used = sum(len(utts) for b in batches for _, utts in b)
+    loader = EpisodeLoader(ArkReader(scp), nframes, crop_frames, 1, num_workers=workers, prefetch_factor=2)
+    it = iter(loader.epoch(1, batches))
+    next(it)
+    pids = [w.pid for w in loader.loader._iterator._workers]
+    start = [memory_kib(p) for p in pids]
+    t0 = time.perf_counter()
+    n = 1 + sum(1 for _ in it)
+    t_loader = time.perf_counter() - t0
+    after = [memory_kib(p) for p in pids]
+    print(json.dumps({"utts": len(utt2spk), "read_s": t_read, "read_cpu": c_read, "read_mib": (rss_read - rss0) / 1024,
+                      "sampler_init_s": t_init, "sampler_init_cpu": c_init, "sampler_epoch_s": t_epoch,
+                      "sampler_epoch_cpu": c_epoch, "used": used / len(utt2spk),
+                      "batches": n, "loader_s": t_loader, "workers_start": start, "workers_after": after}))
+
+
+def first_batch(d, exp, workers):
+    """Seconds from launching stage 2's entry point (the paper's config, CPU) to its first batch: wall, and the
+    CPU time of its main process."""
+    hook = os.path.join(exp, "hook")
+    os.makedirs(hook, exist_ok=True)
+    with open(os.path.join(hook, "sitecustomize.py"), "w") as f:
+        f.write(FIRST_BATCH_HOOK)
+    env = dict(os.environ, CAPSV_BENCH_FIRST_BATCH="1",
+               PYTHONPATH=os.pathsep.join([hook, os.environ.get("PYTHONPATH", "")]))
+    t0 = time.time()
+    r = subprocess.run([sys.executable, "-m", "capsv.bin.train", "--config", os.path.join(ROOT, "conf", "cap.yaml"),
+                        "--data", d, "--exp", os.path.join(exp, "e"), "device=cpu", f"train.num_workers={workers}"],
+                       capture_output=True, text=True, env=env, cwd=ROOT)
+    found = [line.split() for line in r.stderr.splitlines() if line.startswith("FIRST_BATCH ")]
+    if not found:
+        raise RuntimeError(f"stage 2 did not reach its first batch: {r.stderr[-2000:]}")
+    return float(found[0][1]) - t0, float(found[0][2])
+
+
+def bench_scale(args, device):
+    sizes = (2_000, 8_000, 32_000) if args.quick else (10_000, 100_000, VOX2_UTTS)
+    workers, crop_frames = (2, 20) if args.quick else (8, 20)
+    out, got = [], {}
+    for n in sizes:
+        n_spk = max(200, round(n * VOX2_SPEAKERS / VOX2_UTTS))   # a batch needs 200 speakers
+        with tempfile.TemporaryDirectory() as tmp:
+            d = os.path.join(tmp, "data")
+            fake_data_dir(d, n, n_spk)
+            r = subprocess.run([sys.executable, "-m", "capsv.bin.bench", "--scale-child", d, "--size",
+                                f"{workers},{crop_frames}"], capture_output=True, text=True, cwd=ROOT)
+            if r.returncode != 0:
+                raise RuntimeError(f"scale child at {n} utterances failed: {r.stderr[-2000:]}")
+            m = json.loads(r.stdout.strip().splitlines()[-1])
+            m["first_batch_s"], m["first_batch_cpu"] = first_batch(d, tmp, workers) if not args.quick else (0.0, 0.0)
+        got[n] = m
+        rss = [a[0] / 1024 for a in m["workers_after"]]
+        own0 = [a[1] / 1024 for a in m["workers_start"]]
+        own = [a[1] / 1024 for a in m["workers_after"]]
+        out += [
+            row("scale", f"read_data_dir, {n:,} utts ({n_spk:,} speakers)",
+                f"{m['read_cpu']:.2f} s CPU, +{m['read_mib']:.0f} MiB",
+                f"{m['read_cpu'] / n * 1e6:.2f} µs/utt; wall {m['read_s']:.2f} s"),
+            row("scale", f"sampler at {n:,} utts: set-up, one epoch (CPU); share of utterances in the epoch",
+                f"{m['sampler_init_cpu']:.2f} s, {m['sampler_epoch_cpu']:.2f} s; {100 * m['used']:.1f} %",
+                f"{m['batches']} batches of 200x3; wall {m['sampler_init_s']:.2f} s, {m['sampler_epoch_s']:.2f} s"),
+            row("scale", f"{len(rss)} loader workers after an epoch's {m['batches']} batches at {n:,} utts "
+                         f"({crop_frames}-frame crops)",
+                f"resident {min(rss):.0f}-{max(rss):.0f} MiB, private {min(own):.0f}-{max(own):.0f} MiB",
+                f"private after the first batch {min(own0):.0f}-{max(own0):.0f} MiB; epoch {m['loader_s']:.1f} s"),
+        ]
+        if not args.quick:
+            out.append(row("scale", f"stage 2 start-up at {n:,} utts (conf/cap.yaml, CPU, {workers} workers)",
+                           f"{m['first_batch_s']:.1f} s", f"launch to the first batch at the training step; "
+                                                          f"main process {m['first_batch_cpu']:.1f} s CPU"))
+    for lo, hi in zip(sizes, sizes[1:]):
+        grow = lambda k: (got[hi][k] / max(got[lo][k], 1e-9)) / (hi / lo)
+        out.append(row("scale", f"growth {lo:,} -> {hi:,} utts ({hi / lo:.1f}x), per utterance (1.0 = linear)",
+                       f"read {grow('read_cpu'):.2f}x, memory {grow('read_mib'):.2f}x, sampler epoch "
+                       f"{grow('sampler_epoch_cpu'):.2f}x (CPU time)"))
+    return out
+
+
 BENCHES = {"pooling": bench_pooling, "train_step": bench_train_step, "scoring": bench_scoring,
-           "embedding": bench_embedding, "metrics": bench_metrics, "fbank": bench_fbank, "loader": bench_loader}
+           "embedding": bench_embedding, "metrics": bench_metrics, "fbank": bench_fbank, "loader": bench_loader,
+           "scale": bench_scale}
 
 
 def machine(device):
@@ -457,14 +612,19 @@ def table(rows):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small sizes: the whole suite in about a minute")
-    p.add_argument("--only", nargs="+", choices=NAMES, metavar="NAME", help=f"run only these: {', '.join(NAMES)}")
+    p.add_argument("--only", nargs="+", choices=NAMES + EXTRA, metavar="NAME",
+                   help=f"run only these: {', '.join(NAMES + EXTRA)}")
     p.add_argument("--repeats", type=int, help="runs per figure, the fastest kept (default 3; 1 with --quick)")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", help="also write the table to this file")
     p.add_argument("--child", choices=[k for _, k in POOLING_ROWS], help=argparse.SUPPRESS)
     p.add_argument("--size", help=argparse.SUPPRESS)
+    p.add_argument("--scale-child", help=argparse.SUPPRESS)
     args = p.parse_args()
     args.repeats = args.repeats or (1 if args.quick else 3)
+    if args.scale_child:
+        workers, crop_frames = map(int, args.size.split(","))
+        return scale_child(args.scale_child, workers, crop_frames)
     device = pick_device(args.device)
     if args.child:
         n, m, t = map(int, args.size.split(","))

@@ -1,24 +1,39 @@
-"""Stage 1 job: fbank features for the utterances of one wav.scp (one part of a split).
+"""Stage 1 job: fbank features for one job's part of a wav.scp.
 
-    python -m capsv.bin.compute_fbank --fbank-config conf/fbank.conf \\
-        <wav.scp> <out-ark> <out-scp> <out-utt2num_frames>
+    python -m capsv.bin.compute_fbank [--fbank-config conf/fbank.conf] [--job J --njobs N] \\
+        [--max-bad M] <wav.scp> <out-prefix> <record>
 
-Writes float32 matrices with kaldiio. The ark, scp and utt2num_frames are written under
-temporary names and renamed only when every utterance is done, so an interrupted job never
-leaves an scp (what later stages trust) pointing into a half-written ark. The scp names the
-final ark by its absolute path. <out-scp>.done, written last, holds a signature of the inputs
-(the entries, each file's size and mtime, the fbank options): a re-run with the same inputs
-keeps the outputs, so a killed stage 1 redoes only its unfinished jobs. Running out of disk
-is one clear line.
+The job's part is the utterances whose id hashes (CRC-32) to J of N, so adding or removing a
+line of wav.scp changes one job's part only. The outputs are named by the job's signature (a
+SHA-256 of its part of wav.scp, each audio file's size and mtime, and the fbank options):
+<out-prefix>.<sig>.{ark,scp,utt2num_frames,bad} and <out-prefix>.<sig>.done, written last.
+<record> then gets the line `<out-prefix>.<sig>`, which tells steps/make_fbank.sh where this
+run's outputs are. A re-run whose part has the signature of a finished job keeps that job's
+outputs, so a killed stage 1 redoes only its unfinished jobs, and a re-run after a fix only the
+jobs whose part changed. Since the names differ whenever the inputs do, a re-run never writes
+into an ark that the data dir's feats.scp points at.
+
+An utterance whose audio cannot be used (not found, not decodable, empty, too short for one
+frame, NaN or Inf features) is left out and listed in the .bad file as `<utt> <reason>`; the
+job goes on. It stops (exit 1, one ERROR line) once it has more than max(M, 10) of them: the
+data dir allows M (make_fbank.sh decides), and ten named are enough to show a pattern. A
+finished job whose part had bad utterances also answers to the signature of its good ones, so
+the data dir fixed by make_fbank.sh (the bad lines removed) finds it complete. Every output is
+written under a temporary name and renamed when complete; running out of disk is one line.
 """
 import argparse
 import errno
 import hashlib
 import os
+import shlex
 import sys
 import time
+import zlib
 
 from capsv.utils import UserError, atomic_open, atomic_path, progress, run_main
+
+# a job names this many bad utterances before it gives up, whatever the data dir allows
+MIN_NAMED = 10
 
 
 def read_wav_scp(path):
@@ -37,53 +52,88 @@ def read_wav_scp(path):
     return entries
 
 
-def inputs_signature(entries, fbank_config):
-    """SHA-256 of the entries, each file's size and mtime, and the fbank options; None if a file is missing."""
-    h = hashlib.sha256()
+def job_of(utt, njobs):
+    """The job (1-based) that computes `utt`: a hash of its id alone, so other lines do not move it."""
+    return zlib.crc32(utt.encode()) % njobs + 1
+
+
+def audio_files(spec):
+    """The files an entry reads: its path, or the existing paths named in its command."""
+    spec = spec.strip()
+    if not spec.endswith("|"):
+        return [spec]
     try:
-        with open(fbank_config, "rb") as f:
-            h.update(f.read())
-        for utt, spec in entries:
-            h.update(f"{utt} {spec}\n".encode())
-            if not spec.rstrip().endswith("|"):
-                st = os.stat(spec)
+        words = shlex.split(spec[:-1])
+    except ValueError:
+        return []
+    return [w for w in words if os.sep in w and os.path.isfile(w)]
+
+
+def inputs_signature(entries, conf_bytes):
+    """SHA-256 of the fbank options, the entries, and each audio file's size and mtime."""
+    h = hashlib.sha256(conf_bytes)
+    for utt, spec in entries:
+        h.update(f"{utt} {spec}\n".encode())
+        for path in audio_files(spec):
+            try:
+                st = os.stat(path)
                 h.update(f"{st.st_size} {st.st_mtime_ns}\n".encode())
-    except OSError:
-        return None
-    return h.hexdigest()
+            except OSError:
+                h.update(b"missing\n")
+    return h.hexdigest()[:16]
 
 
 def log(msg):
     print(f"compute_fbank: {msg}", file=sys.stderr, flush=True)
 
 
+def complete(done_path):
+    """The outputs prefix a .done file names, if that job's outputs are all there; else None."""
+    try:
+        with open(done_path) as f:
+            target = f.read().strip()
+    except FileNotFoundError:
+        return None
+    prefix = os.path.join(os.path.dirname(done_path), target)
+    if target and all(os.path.exists(f"{prefix}.{x}") for x in ("ark", "scp", "utt2num_frames", "bad")):
+        return prefix
+    return None
+
+
 def main():
     ap = argparse.ArgumentParser(prog="compute_fbank", description=__doc__.split("\n\n")[0])
     ap.add_argument("--fbank-config", default="conf/fbank.conf", help="Kaldi-syntax fbank options")
+    ap.add_argument("--job", type=int, default=1, help="this job's index, 1..njobs")
+    ap.add_argument("--njobs", type=int, default=1, help="number of jobs wav.scp is split into")
+    ap.add_argument("--max-bad", type=int, default=0,
+                    help="bad utterances the data dir allows; the job stops past max(this, 10)")
     ap.add_argument("wav_scp")
-    ap.add_argument("out_ark")
-    ap.add_argument("out_scp")
-    ap.add_argument("out_utt2num_frames")
+    ap.add_argument("out_prefix", help="outputs are <out-prefix>.<signature>.{ark,scp,utt2num_frames,bad,done}")
+    ap.add_argument("record", help="file that gets the outputs' prefix when the job is complete")
     args = ap.parse_args()
+    if not 1 <= args.job <= args.njobs:
+        raise UserError(f"--job {args.job} is not in 1..--njobs {args.njobs}")
+    if not os.path.isfile(args.fbank_config):
+        raise UserError(f"fbank config {args.fbank_config} not found; pass --fbank-config with an existing file")
 
-    entries = read_wav_scp(args.wav_scp)
-    # A job that finished leaves <out-scp>.done holding the signature of its inputs; a re-run with
-    # the same inputs (a killed stage 1 run again) keeps its outputs and redoes only the other jobs.
-    done = args.out_scp + ".done"
-    signature = inputs_signature(entries, args.fbank_config)
-    if signature is not None and all(os.path.exists(p) for p in (args.out_ark, args.out_utt2num_frames)):
-        try:
-            with open(done) as f:
-                if f.read().strip() == signature:
-                    log(f"{args.out_scp} is complete from an earlier run with the same inputs; keeping it")
-                    return
-        except FileNotFoundError:
-            pass
-    # A missing file is found now, in seconds, not after hours of work on the others
-    # (and before the slow torch import).
-    for utt, spec in entries:
-        if not spec.rstrip().endswith("|") and not os.path.isfile(spec):
-            raise UserError(f"utterance {utt}: audio file {spec} not found; fix wav.scp or restore the file")
+    entries = [e for e in read_wav_scp(args.wav_scp) if job_of(e[0], args.njobs) == args.job]
+    with open(args.fbank_config, "rb") as f:
+        conf_bytes = f.read()
+    signature = inputs_signature(entries, conf_bytes)
+    prefix = os.path.abspath(f"{args.out_prefix}.{signature}")
+    kept = complete(prefix + ".done")
+    if kept:
+        log(f"{len(entries)} utterances: complete from an earlier run with the same inputs "
+            f"({os.path.basename(kept)}); keeping it")
+        write_record(args.record, kept)
+        return
+    # Missing files are found now, in seconds (and before the slow torch import), when there
+    # are more than the data dir allows: the stage would fail at its end anyway.
+    missing = [(u, s) for u, s in entries if not s.rstrip().endswith("|") and not os.path.isfile(s)]
+    if len(missing) > args.max_bad:
+        u, s = missing[0]
+        more = f" (and {len(missing) - 1} more, e.g. {missing[1][0]})" if len(missing) > 1 else ""
+        raise UserError(f"utterance {u}: audio file {s} not found{more}; fix wav.scp or restore the file")
 
     import torch
 
@@ -94,46 +144,71 @@ def main():
     torch.set_num_threads(1)
     opts = read_fbank_conf(args.fbank_config)
     target = target_rate(opts)
-    ark = os.path.abspath(args.out_ark)
-    log(f"{len(entries)} utterances from {args.wav_scp} -> {ark}")
+    log(f"job {args.job}/{args.njobs}: {len(entries)} utterances of {args.wav_scp} -> {prefix}.ark")
     start = time.time()
     try:
-        resampled = write_features(entries, ark, args.out_scp, args.out_utt2num_frames, opts, target)
+        resampled, bad = write_features(entries, prefix, opts, target, max(args.max_bad, MIN_NAMED))
     except OSError as e:
         if e.errno != errno.ENOSPC:
             raise
-        raise UserError(f"no space left on the device of {ark} (writing its features); free some space or "
+        raise UserError(f"no space left on the device of {prefix}.ark (writing its features); free some space or "
                         f"give another --fbankdir, then re-run stage 1 (the features in place are untouched)") from None
-    if signature is not None:
-        with atomic_open(done) as f:
-            f.write(signature + "\n")
+    # the .done of the part as given, and of its good utterances (the part once the data dir is fixed)
+    target_name = os.path.basename(prefix)
+    with atomic_open(prefix + ".done") as f:
+        f.write(target_name + "\n")
+    if bad:
+        good = [e for e in entries if e[0] not in bad]
+        alias = os.path.abspath(f"{args.out_prefix}.{inputs_signature(good, conf_bytes)}.done")
+        with atomic_open(alias) as f:
+            f.write(target_name + "\n")
+    write_record(args.record, prefix)
     # make_fbank.sh sums the jobs' counts into one line per data dir
     for sr, n in sorted(resampled.items()):
         log(f"resampled {n} utterances from {sr} Hz to {target} Hz")
-    log(f"done: {len(entries)} utterances in {time.time() - start:.0f} s")
+    log(f"done: {len(entries) - len(bad)} utterances, {len(bad)} left out, in {time.time() - start:.0f} s")
 
 
-def write_features(entries, ark, out_scp, out_utt2num_frames, opts, target):
-    """Features of `entries` into ark/scp/utt2num_frames; returns {other sample rate: utterances}."""
+def write_record(path, prefix):
+    with atomic_open(path) as f:
+        f.write(prefix + "\n")
+
+
+def write_features(entries, prefix, opts, target, stop_after):
+    """Features of `entries` into <prefix>.{ark,scp,utt2num_frames}, the unusable ones into <prefix>.bad.
+
+    Returns ({other sample rate: utterances}, {bad utt: reason}). Raises UserError once more than
+    `stop_after` are bad.
+    """
     import kaldiio
 
     from capsv.features import compute_fbank, load_audio
 
-    resampled = {}
+    resampled, bad = {}, {}
+    ark = prefix + ".ark"
     start = last_log = time.time()
     bar = progress(entries, desc="fbank", unit="utt")
     # Listed so that the ark is renamed first and the scp last (context managers exit in reverse order).
-    with atomic_path(out_scp) as tmp_scp, atomic_path(out_utt2num_frames) as tmp_u2nf, \
-            atomic_path(ark) as tmp_ark:
+    with atomic_path(prefix + ".bad") as tmp_bad, atomic_path(prefix + ".scp") as tmp_scp, \
+            atomic_path(prefix + ".utt2num_frames") as tmp_u2nf, atomic_path(ark) as tmp_ark:
         tmp_ark = os.path.abspath(tmp_ark)
         with kaldiio.WriteHelper(f"ark,scp:{tmp_ark},{tmp_scp}") as writer, open(tmp_u2nf, "w") as u2nf:
             for i, (utt, spec) in enumerate(bar, 1):
-                wave, sr = load_audio(spec, utt)
-                if sr != target:
-                    resampled[sr] = resampled.get(sr, 0) + 1
-                feats = compute_fbank(wave, sr, opts, utt)
-                writer(utt, feats)
-                u2nf.write(f"{utt} {feats.shape[0]}\n")
+                try:
+                    wave, sr = load_audio(spec, utt)
+                    feats = compute_fbank(wave, sr, opts, utt)
+                except UserError as e:
+                    reason = " ".join(str(e).removeprefix(f"utterance {utt}: ").split())
+                    bad[utt] = reason
+                    log(f"left out {utt}: {reason}")
+                    if len(bad) > stop_after:
+                        raise UserError(f"{len(bad)} utterances of this job could not be used (more than the "
+                                        f"{stop_after} it may leave out), the last {utt}: {reason}") from None
+                else:
+                    if sr != target:
+                        resampled[sr] = resampled.get(sr, 0) + 1
+                    writer(utt, feats)
+                    u2nf.write(f"{utt} {feats.shape[0]}\n")
                 # Kaldi-style progress lines when the log is a file rather than a terminal
                 if bar.disable and (time.time() - last_log > 30 or i == len(entries)):
                     last_log = time.time()
@@ -141,14 +216,16 @@ def write_features(entries, ark, out_scp, out_utt2num_frames, opts, target):
         # kaldiio wrote the temporary ark's name into the scp; point it at the final name.
         with open(tmp_scp) as f:
             lines = f.read().splitlines()
-        prefix = tmp_ark + ":"
+        prefix_tmp = tmp_ark + ":"
         with open(tmp_scp, "w") as f:
             for line in lines:
                 utt, loc = line.split(" ", 1)
-                if not loc.startswith(prefix):
+                if not loc.startswith(prefix_tmp):
                     raise RuntimeError(f"unexpected scp line from kaldiio: {line}")
-                f.write(f"{utt} {ark}:{loc[len(prefix):]}\n")
-    return resampled
+                f.write(f"{utt} {ark}:{loc[len(prefix_tmp):]}\n")
+        with open(tmp_bad, "w") as f:
+            f.writelines(f"{u} {r}\n" for u, r in bad.items())
+    return resampled, bad
 
 
 if __name__ == "__main__":

@@ -19,7 +19,10 @@ when it is measured too (else their calibrated columns are `-`). Each list's LLR
 its scores as <list>.llr.score (same format and trial order), with a .json naming the map, the raw
 score file and its SHA-256 (see capsv.calibration, capsv.metrics).
 
-With --exp DIR (what run.sh's stage 4 gives) it also writes, before results.txt:
+With --exp DIR (what run.sh's stage 4 gives) the scores must come from DIR's newest checkpoint
+(their .json's checkpoint_sha256; an exp kept without its models is taken as it is): scores of an
+earlier checkpoint (training went on after stage 3) are refused as stale. It also writes, before
+results.txt:
 
 - DIR/calibration.json: the EER and minDCF(0.05) thresholds and the LLR map of the calibration
   list's raw scores, the list's path and SHA-256, the epoch, the checkpoint's SHA-256, precision and
@@ -153,6 +156,21 @@ def write_llr_files(results, llr_files, calibration_file):
             f.write("\n")
 
 
+def check_checkpoint(exp, results):
+    """Every score file was made by the experiment's newest checkpoint (stage 4 reports on it)."""
+    from capsv import checkpoint
+
+    if not checkpoint.list_checkpoints(os.path.join(exp, "models")):
+        return   # an experiment kept without its models: its scores are all there is to report
+    state = checkpoint.load_for_inference(exp)
+    for r in results:
+        made = r["info"].get("checkpoint_sha256")
+        if made != state["sha256"]:
+            what = f"epoch {r['info'].get('epoch', '?')}'s checkpoint" if made else "an unrecorded checkpoint (no .json)"
+            raise UserError(f"{r['scores_path']} was scored with {what}, not with the newest one of {exp} "
+                            f"({os.path.basename(state['file'])}): the scores are stale; re-run stage 3, then stage 4")
+
+
 def format_table(name, rows):
     """`# system: <name>`, a `#`-commented header, then one aligned line per list."""
     cols = [("# " + HEADER[0], *HEADER[1:])] + [[r[h] for h in HEADER] for r in rows]
@@ -217,6 +235,7 @@ def main(argv=None):
 
     cal = cal_file = None
     if args.exp:
+        check_checkpoint(args.exp, results)
         cal = calibrate(args, results, cal_name, maps[""])
         cal_file = os.path.abspath(os.path.join(args.exp, calibration.FILE))
         args.det = args.det or os.path.join(args.exp, "det.png")
