@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from capsv import checkpoint
-from capsv.bin import train
+from capsv import trainer
 from capsv.config import load_config
 from capsv.data import ArkReader, EpisodeDataset, EpisodicBatches, crop, read_data_dir
 from capsv.losses import NPSoftmaxLoss
@@ -174,8 +174,8 @@ def test_resume_loads_on_cpu_whatever_the_device(tmp_path):
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.95)
     before = torch.get_rng_state()
     try:
-        epoch = train.resume(str(models), net, loss_fn, opt, sched, saved["speakers"], "data")
-        assert epoch == 1
+        state = trainer.resume(str(models), net, loss_fn, opt, sched, saved["speakers"], "data")
+        assert state["epoch"] == 1
         assert torch.equal(torch.get_rng_state(), saved["rng"]["torch"])
         moments = [v for st in opt.state.values() for k, v in st.items() if k == "exp_avg"]
         assert moments and all(v.device.type == "meta" for v in moments)   # optimiser state follows the params
@@ -337,20 +337,20 @@ def test_data_wait_is_the_share_of_step_time_blocked_on_the_loader(tmp_path, del
     loss_fn = NPSoftmaxLoss(cfg["model"]["embed_dim"], 5)
     opt = torch.optim.Adam(list(net.parameters()) + list(loss_fn.parameters()), lr=1e-3)
     batches = [(torch.randn(3, 2, 40, 40), torch.tensor([0, 1, 2])) for _ in range(3)]
-    step = train.TrainStep(net, loss_fn)
-    train.train_epoch(step, opt, batches[:1], torch.device("cpu"), "warm-up")   # first calls are slow
+    step = trainer.TrainStep(net, loss_fn)
+    trainer.train_epoch(step, opt, batches[:1], torch.device("cpu"), "warm-up")   # first calls are slow
     t0 = time.perf_counter()
-    stats = train.train_epoch(step, opt, SlowLoader(batches, delay), torch.device("cpu"), "epoch 1/1")
+    stats = trainer.train_epoch(step, opt, SlowLoader(batches, delay), torch.device("cpu"), "epoch 1/1")
     total = time.perf_counter() - t0
     assert stats["data_wait"] == pytest.approx(3 * delay / total, abs=0.05)
-    assert (stats["data_wait"] > train.DATA_WAIT_WARN) == (delay > 0)   # each step here takes well under 0.2 s
+    assert (stats["data_wait"] > trainer.DATA_WAIT_WARN) == (delay > 0)   # each step here takes well under 0.2 s
 
 
 def test_a_loader_bound_epoch_is_warned(caplog):
     stats = {"loss": 1.0, "np_loss": 0.5, "ce_loss": 0.5, "np_acc": 0.5, "ce_acc": 0.5}
     caplog.set_level("INFO", logger="capsv.train")
-    train.report_epoch(3, {**stats, "data_wait": 0.08}, 1e-3, 10, 5.0, 4)
+    trainer.report_epoch(3, {**stats, "data_wait": 0.08}, 1e-3, 10, 5.0, 4)
     assert "data wait 8.0 %" in caplog.text and "WARNING" not in caplog.text
-    train.report_epoch(4, {**stats, "data_wait": 0.25}, 1e-3, 10, 5.0, 4)
+    trainer.report_epoch(4, {**stats, "data_wait": 0.25}, 1e-3, 10, 5.0, 4)
     assert "WARNING: epoch 4 spent 25 % of its step time waiting for data (over 10 %); raise train.num_workers " \
            "(now 4)" in caplog.text
