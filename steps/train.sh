@@ -22,6 +22,7 @@ ngpu=0          # GPUs per node: 0 or 1 runs one process; N > 1 runs N ranks und
 nnodes=1        # nodes of a multi-node run, each running this script
 node_rank=0     # this node's index, 0 .. nnodes-1
 rdzv_endpoint=  # HOST:PORT of node 0's c10d rendezvous (needed with --nnodes > 1)
+valid_data=     # data dir (features, trials) scored every train.validate_every epochs; empty: no validation
 
 echo "$0 $*"
 
@@ -34,7 +35,8 @@ options:
   --ngpu <n>               GPUs per node (default $ngpu): 0/1 one process, n > 1 torchrun with n ranks
   --nnodes <m>             nodes (default $nnodes); run this on each with its --node-rank
   --node-rank <k>          this node's index (default $node_rank)
-  --rdzv-endpoint <h:p>    node 0's rendezvous address, for --nnodes > 1"
+  --rdzv-endpoint <h:p>    node 0's rendezvous address, for --nnodes > 1
+  --valid-data <dir>       validation data dir, its trials scored every train.validate_every epochs"
 
 . "$(dirname "$0")/parse_options.sh" || exit 1
 
@@ -57,7 +59,9 @@ fi
 nproc=$(( ngpu > 1 ? ngpu : 1 ))
 world=$(( nproc * nnodes ))
 
-python -m capsv.bin.train --check --world-size "$world" --config "$config" --data "$data" --exp "$dir" "$@"
+valid=(); [ -z "$valid_data" ] || valid=(--valid-data "$valid_data")
+python -m capsv.bin.train --check --world-size "$world" --config "$config" --data "$data" --exp "$dir" \
+  ${valid[@]+"${valid[@]}"} "$@"
 
 train=(python -m capsv.bin.train)
 if [ "$world" -gt 1 ]; then
@@ -76,7 +80,7 @@ mkdir -p "$dir/log"
 log=$dir/log/train.log
 [ "$node_rank" -eq 0 ] || log=$dir/log/train.node$node_rank.log
 [ -f "$log" ] && mv "$log" "$log.$(date +%Y%m%d-%H%M%S)"
-$cmd --gpu "$ngpu" "$log" "${train[@]}" --config "$config" --data "$data" --exp "$dir" "$@" &
+$cmd --gpu "$ngpu" "$log" "${train[@]}" --config "$config" --data "$data" --exp "$dir" ${valid[@]+"${valid[@]}"} "$@" &
 job=$!
 # the launcher writes the log (here or on a compute node); tail follows it until the launcher ends
 tail -n +1 -F --pid="$job" "$log" 2>/dev/null &

@@ -12,6 +12,7 @@ import datetime
 import logging
 import math
 import os
+import shutil
 import time
 
 import numpy as np
@@ -41,11 +42,13 @@ RESUMABLE_KEYS = {"device", "train.epochs", "train.amp", "train.tf32", "train.ch
                   "eval.num_crops", "eval.crop_frames", "eval.trial_batch", "eval.precision",
                   "eval.cohort_size", "eval.asnorm_top_k"}   # older configs lack some: a missing key is no change
 DATA_WAIT_WARN = 0.10   # share of step time spent waiting for the loader above which the log warns
-# How long the other ranks wait for rank 0's validation, beyond train.dist_timeout_s: they wait at a barrier
-# of a CPU (gloo) group of their own, so no collective of training is pending meanwhile and NCCL's watchdog,
-# which ends the job after dist_timeout_s, has nothing to time. Vox1-O's 4,715 utterances take minutes on a
-# GPU; a rank 0 that dies ends the job through torchrun at once whatever this is.
-VALIDATION_WAIT_S = 6 * 3600
+# Between epochs rank 0 alone validates and writes the checkpoint, the log and the curves; the other ranks wait
+# for it at a barrier of a CPU (gloo) group of their own, so no collective of training is pending meanwhile and
+# train.dist_timeout_s (after which a stuck collective, or NCCL's watchdog, ends the job) does not run. There
+# they allow dist_timeout_s plus this: Vox1-O's 4,715 utterances take minutes on a GPU, and a rank 0 that dies
+# ends the job through torchrun at once whatever this is. Rank 0 comes last and allows dist_timeout_s, as for any
+# collective, so a rank hung between epochs is noticed as soon as one hung in an epoch.
+BETWEEN_EPOCHS_WAIT_S = 6 * 3600
 log = logging.getLogger("capsv.train")
 
 
@@ -58,10 +61,9 @@ def setup_logging(rank=0):
     log.setLevel(logging.INFO if rank == 0 else logging.ERROR)
 
 
-def check_same_experiment(exp, cfg):
-    """Refuse a config that changes the model or the objective of the run in `exp`; log what else changed.
-
-    Returns {key: (old, new)} of the resumable keys that changed."""
+def check_same_experiment(exp, cfg, say=True):
+    """Refuse a config that changes the model or the objective of the run in `exp`; log (with `say`) what else
+    changed. Returns {key: (old, new)} of the resumable keys that changed."""
     path = os.path.join(exp, "config.yaml")
     if not os.path.exists(path):
         return {}
@@ -72,7 +74,7 @@ def check_same_experiment(exp, cfg):
         raise UserError(f"{path} was trained with different {', '.join(refused)}; "
                         f"use another --exp, or delete {exp} to start over")
     changed = {k: (old[k], new[k]) for k in sorted(new) if k in old and old[k] != new[k]}
-    if changed:
+    if changed and say:
         log.info("changed since the last run of this experiment (the objective is the same): " +
                  ", ".join(f"{k} {_show(a)} -> {_show(b)}" for k, (a, b) in changed.items()))
     return changed
@@ -246,6 +248,9 @@ def gpu_switches(tc, device, world):
     if use["tf32"] and device.type != "cuda":
         log.info(f"train.tf32: a format of NVIDIA GPUs, ignored on {device.type}")
         use["tf32"] = False
+    if use["compile"] and device.type == "cpu" and not any(map(shutil.which, (os.environ.get("CXX", "g++"), "c++"))):
+        raise UserError("train.compile=true on the CPU builds C++ kernels, but no C++ compiler (g++) is on the PATH; "
+                        "install one (apt-get install g++) or set train.compile=false")
     use["precision"] = resolve_precision(tc["amp"], device)
     use["sync_bn"] = world > 1 and tc["sync_bn"] and device.type == "cuda"
     if world > 1 and tc["sync_bn"] and device.type != "cuda":
@@ -346,10 +351,9 @@ class Validation:
     def due(self, epoch):
         return epoch % self.every == 0
 
-    def run(self, net, device):
-        """{valid_eer_pct, valid_min_dcf, valid_trials, valid_seconds} of `net`'s current weights."""
+    def scores(self, net, device):
+        """The trials' scores with `net`'s current weights, as stage 3 computes them."""
         from capsv.scoring import score_trials, utterance_cache
-        t0 = time.time()
         if self._net is None:
             with torch.random.fork_rng(devices=[]):   # its initial weights must not draw from training's RNG
                 self._net = SpeakerNet.from_config(self.cfg)
@@ -357,26 +361,38 @@ class Validation:
         self._net.load_state_dict(net.state_dict())
         ecfg = self.cfg["eval"]
         cache = utterance_cache(self._net, self.reader, self.nframes, self.utts, ecfg, device)
-        scores = score_trials(self._net, cache, self.trials, ecfg["trial_batch"])
-        cache.close()
+        try:
+            return score_trials(self._net, cache, self.trials, ecfg["trial_batch"])
+        finally:
+            cache.close()
+
+    def run(self, net, device):
+        """{valid_eer_pct, valid_min_dcf, valid_trials, valid_seconds} of `net`'s current weights."""
+        t0 = time.time()
+        scores = self.scores(net, device)
         eer, _ = compute_eer(scores, self.labels)
         dcf, _ = compute_min_dcf(scores, self.labels, 0.05)
         return {"valid_eer_pct": 100 * eer, "valid_min_dcf": dcf, "valid_trials": len(self.trials),
                 "valid_seconds": round(time.time() - t0, 2)}
 
 
-def validation_wait_group(part, tc):
-    """A CPU (gloo) group in which the other ranks wait for rank 0's validation (see VALIDATION_WAIT_S)."""
+def between_epochs_group(part, tc):
+    """A CPU (gloo) group in which the other ranks wait for rank 0's work between epochs (BETWEEN_EPOCHS_WAIT_S)."""
     if part.world == 1:
         return None
-    return dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=tc["dist_timeout_s"] + VALIDATION_WAIT_S))
+    timeout = tc["dist_timeout_s"] + (BETWEEN_EPOCHS_WAIT_S if part.rank != 0 else 0)
+    return dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout))
 
 
 class TrainLog:
     """exp/train_log.csv, one row per epoch, and exp/train_curves.png drawn from it after every epoch.
 
     A checkpoint holds its epoch's row, so the row of an epoch whose checkpoint was written just before the run
-    was interrupted is restored on resumption."""
+    was interrupted is restored on resumption. The picture is redrawn after every epoch that is at least
+    DRAW_EVERY times as long as a drawing (any real epoch: a drawing takes about a second) and after a run's
+    last epoch, so the drawing costs at most 1/DRAW_EVERY of the training time even in a test's tiny epochs."""
+
+    DRAW_EVERY = 20
 
     def __init__(self, exp, start, state=None):
         self.csv = os.path.join(exp, "train_log.csv")
@@ -388,22 +404,29 @@ class TrainLog:
         if row and (not len(history) or row["epoch"] not in set(history["epoch"])):
             history = pd.concat([history, pd.DataFrame([row])], ignore_index=True)
         self.history = history
+        self.drawn_at, self.draw_seconds = -math.inf, 0.0
 
-    def append(self, row):
+    def append(self, row, last=False):
         self.history = pd.concat([self.history, pd.DataFrame([row])], ignore_index=True)
         with atomic_open(self.csv) as f:
             self.history.to_csv(f, index=False, float_format="%.6g")
-        plot_curves(self.history, self.png)
+        if last or time.monotonic() - self.drawn_at >= self.DRAW_EVERY * self.draw_seconds:
+            t0 = time.monotonic()
+            plot_curves(self.history, self.png)
+            self.drawn_at = time.monotonic()
+            self.draw_seconds = self.drawn_at - t0
 
 
 def plot_curves(history, path):
     """Training curves against epoch, from train_log.csv's rows (a DataFrame), written atomically to `path`."""
     from matplotlib.figure import Figure   # no pyplot: no global state, nothing shown
+    from matplotlib.ticker import MaxNLocator
     h = history.sort_values("epoch")
     if "data_wait" in h:
         h = h.assign(data_wait_pct=100 * h["data_wait"])
-    fig = Figure(figsize=(12, 6.6), layout="constrained")
-    axes = fig.subplots(2, 3, sharex=True).ravel()
+    fig = Figure(figsize=(12, 6.6))
+    fig.subplots_adjust(left=0.06, right=0.95, bottom=0.08, top=0.9, wspace=0.38, hspace=0.22)   # no layout engine:
+    axes = fig.subplots(2, 3, sharex=True).ravel()                                                # half the cost
 
     def panel(ax, title, lines, ylabel=None):
         drawn = False
@@ -425,18 +448,23 @@ def plot_curves(history, path):
                                              ("ce_acc", "softmax", ".-", "tab:orange")])
     panel(axes[2], "learning rate", [("lr", "lr", ".-", "tab:green")])
     axes[2].set_yscale("log")
-    if panel(axes[3], "validation", [("valid_eer_pct", "EER", "o-", "tab:purple")], "EER (%)"):
+    if panel(axes[3], "validation (monitoring)", [("valid_eer_pct", "EER", "o-", "tab:purple")], "EER (%)"):
         twin = axes[3].twinx()
         ok = h["valid_min_dcf"].notna()
-        twin.plot(h["epoch"][ok], h["valid_min_dcf"][ok], "s--", color="tab:red", markersize=4)
-        twin.set_ylabel("minDCF (0.05), dashed", color="tab:red")
+        twin.plot(h["epoch"][ok], h["valid_min_dcf"][ok], "s--", color="tab:red", markersize=5, markerfacecolor="none",
+                  label="minDCF(0.05)")
+        twin.set_ylabel("minDCF(0.05)")
+        axes[3].legend(axes[3].get_lines() + twin.get_lines(), ["EER", "minDCF(0.05)"], fontsize=8)
     else:
         axes[3].text(0.5, 0.5, "no validation yet", ha="center", va="center", transform=axes[3].transAxes)
-    panel(axes[4], "data wait", [("data_wait_pct", "share", ".-", "tab:brown")], "% of step time")
-    panel(axes[5], "time per epoch", [("seconds", "training", ".-", "tab:gray"),
-                                      ("valid_seconds", "validation", "o", "tab:purple")], "s")
+    panel(axes[4], "data wait (% of step time)", [("data_wait_pct", "share", ".-", "tab:brown")])
+    panel(axes[5], "seconds per epoch", [("seconds", "training", ".-", "tab:gray"),
+                                         ("valid_seconds", "validation", "o", "tab:purple")])
+    for ax in axes[4:]:
+        ax.set_ylim(bottom=0)
     for ax in axes[3:]:
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     name = os.path.basename(os.path.dirname(os.path.abspath(path)))
     fig.suptitle(f"{name}: training curves to epoch {int(h['epoch'].iloc[-1])}", fontsize=11)
     with atomic_path(path) as tmp:
@@ -484,7 +512,7 @@ def fit(cfg, data, exp, device, part=SINGLE, valid=None):
     loader = EpisodeLoader(ArkReader(data.scp), data.nframes, tc["crop_frames"], cfg["seed"], (part.rank, part.world),
                            tc["num_workers"], pin_memory=device.type == "cuda", prefetch_factor=tc["prefetch_factor"])
     train_log = TrainLog(exp, start, state) if part.rank == 0 else None
-    wait = validation_wait_group(part, tc) if valid is not None else None
+    wait = between_epochs_group(part, tc)
     compiled = unwrap(step).switches.get("compile", False)
     graphs = None
     for epoch in range(start, tc["epochs"] + 1):
@@ -494,24 +522,25 @@ def fit(cfg, data, exp, device, part=SINGLE, valid=None):
         stats = train_epoch(step, opt, loader.epoch(epoch, batches), device, f"epoch {epoch}/{tc['epochs']}", part)
         sched.step()
         seconds = round(time.time() - t0, 2)
-        result = None
-        if valid is not None and valid.due(epoch):
-            if part.rank == 0:
-                result = valid.run(net, device)
-            if wait is not None:
-                dist.barrier(group=wait)
-        if part.rank != 0:
-            continue
-        row = {"epoch": epoch, **stats, "lr": lr, "batches": len(batches), "seconds": seconds, **(result or {})}
-        checkpoint.save_checkpoint(models, epoch, checkpoint_state(epoch, cfg, speakers, net, loss_fn, opt, sched,
-                                                                   step, device, row), keep=tc["keep_checkpoints"])
-        train_log.append(row)
-        report_epoch(epoch, stats, lr, len(batches), seconds, tc["num_workers"], result)
-        if compiled:
-            now, breaks = compile_counts()
-            if graphs is None:
-                log.info(f"torch.compile: the trunk is {now} graph(s), {breaks} graph break(s)")
-            elif now > graphs:
-                log.warning(f"WARNING: torch.compile compiled the trunk again in epoch {epoch} ({now} graphs so far): "
-                            f"its input's shape or a guard changed between epochs, which costs a compile each time")
-            graphs = now
+        if part.rank == 0:
+            result = valid.run(net, device) if valid is not None and valid.due(epoch) else None
+            row = {"epoch": epoch, **stats, "lr": lr, "batches": len(batches), "seconds": seconds, **(result or {})}
+            checkpoint.save_checkpoint(models, epoch, checkpoint_state(epoch, cfg, speakers, net, loss_fn, opt, sched,
+                                                                       step, device, row), keep=tc["keep_checkpoints"])
+            train_log.append(row, last=epoch == tc["epochs"])
+            report_epoch(epoch, stats, lr, len(batches), seconds, tc["num_workers"], result)
+            if compiled:
+                graphs = report_compile(epoch, graphs)
+        if wait is not None:
+            dist.barrier(group=wait)
+
+
+def report_compile(epoch, graphs):
+    """Log torch.compile's graphs after the first epoch, and warn when a later epoch compiled again."""
+    now, breaks = compile_counts()
+    if graphs is None:
+        log.info(f"torch.compile: the trunk is {now} graph(s), {breaks} graph break(s)")
+    elif now > graphs:
+        log.warning(f"WARNING: torch.compile compiled the trunk again in epoch {epoch} ({now} graphs so far): "
+                    f"its input's shape or a guard changed between epochs, which costs a compile each time")
+    return now

@@ -42,7 +42,7 @@ def main():
     rank, world = (env[0], env[1]) if env else (0, 1 if not args.check else args.world_size)
     trainer.setup_logging(rank)
     cfg = load_config(args.config, args.overrides)
-    trainer.check_same_experiment(args.exp, cfg)
+    trainer.check_same_experiment(args.exp, cfg, say=not args.check)   # the job's log says what changed
     # --check runs on the submitting host, which need not have the job's GPU
     device = torch.device("cpu") if args.check else pick_device(cfg["device"])
     trainer.check_world(cfg, world)
