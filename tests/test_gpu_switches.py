@@ -22,7 +22,7 @@ Tolerances, each against the same step in fp32 from the same initial weights and
   way (cosine > 0.5; measured >= 0.85); a dropped term, a wrong layout or a missing unscale (x 2^16) break these.
 - stage 3 with a bf16 trunk: a score is a mean of cosines, and a cosine moves by at most the sum of its two
   embeddings' relative errors; with sqrt(L) u for the full trunk (37 convolutions, L = 74) that is
-  2 sqrt(74) 2^-8 = 0.067 (measured on the trained fixture: CAP 0.006, SAP 0.009).
+  2 sqrt(74) 2^-8 = 0.067 (measured on the trained fixture, all 300 trials: CAP 0.006, SAP 0.009).
 
 Compile tests use one tiny model and batch shape, so inductor compiles one graph (its cache serves the runs
 through capsv.bin.train).
@@ -240,9 +240,8 @@ def test_entry_point_with_every_switch_resumes_with_them_changed(tmp_path):
     saved = checkpoint.load_latest(exp / "models")
     assert saved["precision"]["precision"] == "fp16" and saved["scaler"]["scale"] > 0
 
-    r = run_train(tmp_path / "data", exp, "train.epochs=4", "train.amp=fp16")
-    assert r.returncode == 0 and "starts afresh" not in r.stderr, r.stderr   # the saved scaler continues
-    r = run_train(tmp_path / "data", exp, "train.epochs=5", "train.lr=0.01")
+    # (that the saved scaler continues at fp16: test_resume_restores_the_fp16_scaler_...)
+    r = run_train(tmp_path / "data", exp, "train.epochs=4", "train.lr=0.01")
     assert r.returncode == 1 and "was trained with different train.lr" in r.stderr.strip().splitlines()[-1]
 
 
@@ -265,21 +264,20 @@ def test_resume_restores_the_fp16_scaler_and_starts_afresh_after_another_precisi
 
 
 def test_scoring_with_a_bf16_trunk_is_close_to_fp32(trained_recipe):
-    """Stage 3's scorer (utterance_cache + score_trials) on the trained CAP and SAP models, trunk in bf16 vs fp32,
-    on every pair of 16 test utterances."""
+    """Stage 3's scorer (utterance_cache + score_trials) on the trained CAP model, trunk in bf16 vs fp32, on every
+    pair of 12 test utterances of 12 speakers."""
     _, nframes, scp = read_data_dir(trained_recipe / "data/synth_test")
-    utts = sorted(scp)[::4][:16]
+    utts = sorted(scp)[::5][:12]
     pairs = [(a, b, True) for i, a in enumerate(utts) for b in utts[i + 1:]]
-    for name in ("small_cap", "small_sap"):
-        state = checkpoint.load_for_inference(trained_recipe / f"exp/{name}")
-        net = SpeakerNet.from_config(state["config"])
-        net.load_state_dict(state["model"])
-        net.eval()
-        scores = {}
-        for precision in ("off", "bf16"):
-            ecfg = {**state["config"]["eval"], "precision": precision}
-            cache = utterance_cache(net, ArkReader(scp), nframes, utts, ecfg, CPU)
-            assert cache.dtype == torch.float32
-            scores[precision] = score_trials(net, cache, pairs, ecfg["trial_batch"])
-        diff = np.abs(scores["bf16"] - scores["off"])
-        assert 0 < diff.max() <= SCORE_TOL, (name, diff.max())
+    state = checkpoint.load_for_inference(trained_recipe / "exp/small_cap")
+    net = SpeakerNet.from_config(state["config"])
+    net.load_state_dict(state["model"])
+    net.eval()
+    scores = {}
+    for precision in ("off", "bf16"):
+        ecfg = {**state["config"]["eval"], "precision": precision}
+        cache = utterance_cache(net, ArkReader(scp), nframes, utts, ecfg, CPU)
+        assert cache.dtype == torch.float32
+        scores[precision] = score_trials(net, cache, pairs, ecfg["trial_batch"])
+    diff = np.abs(scores["bf16"] - scores["off"])
+    assert 0 < diff.max() <= SCORE_TOL, diff.max()

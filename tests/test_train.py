@@ -396,7 +396,6 @@ def test_validation_changes_nothing_is_logged_and_resumes_without_repeating(tmp_
     assert r.returncode == 0, r.stderr
     assert "validation every 2 epochs: 66 trials of" in r.stderr
     assert [int(m.group(1)) for m in VALID_LINE.finditer(r.stderr)] == [2]
-    assert png_size(exp / "train_curves.png") == (1080, 594)
     # killed between epoch 2's checkpoint and its train_log.csv row: the row comes back from the checkpoint
     csv = exp / "train_log.csv"
     logged = pd.read_csv(csv)
@@ -443,13 +442,15 @@ def test_validation_subset_is_fixed_by_the_seed(tmp_path):
         "train.validate_trials=0"]), str(tmp_path / "valid"))
     assert len(one.trials) == 20 and one.trials == again.trials and one.trials != other.trials
     assert set(one.trials) < set(everything.trials) and len(everything.trials) == 66
+    assert len(one.utts) == 7   # all 21 pairs of 7 utterances hold 20 trials: the trunk runs on 7 of the 12
     assert trainer.Validation.from_options(load_config(f"{ROOT}/conf/mini/cap.yaml", SMALL + [
         "train.validate_every=0"]), str(tmp_path / "valid")) is None
 
 
 def test_the_recipe_validates_during_training_as_stage_3_scores(trained_recipe):
     """run.sh gives the test set to stage 2: the mini config (every 8 epochs, a fixed subset) validated epoch 8 of
-    the 10, logged in train.log and train_log.csv, and drew train_curves.png. Validation scores are stage 3's."""
+    the 10, logged in train.log and train_log.csv, and drew train_curves.png (a run of 10 epochs of about 3 s:
+    long enough to draw). Validation scores are stage 3's."""
     exp = trained_recipe / "exp/small_cap"
     lines = list(VALID_LINE.finditer((exp / "log/train.log").read_text()))
     assert [int(m.group(1)) for m in lines] == [8] and int(lines[0].group(4)) == 150
@@ -461,7 +462,7 @@ def test_the_recipe_validates_during_training_as_stage_3_scores(trained_recipe):
     state = checkpoint.load_for_inference(exp)
     net = SpeakerNet.from_config(state["config"])
     net.load_state_dict(state["model"])
-    cfg = load_config(exp / "config.yaml", ["train.validate_trials=12"])
+    cfg = load_config(exp / "config.yaml", ["train.validate_trials=8"])
     valid = trainer.Validation.from_options(cfg, str(trained_recipe / "data/synth_test"))
     stage3 = {(e, t): float(s) for e, t, s in (l.split() for l in open(exp / "scores/synth_test.score"))}
     got = valid.scores(net, torch.device("cpu"))
