@@ -265,7 +265,8 @@ fi
 if [ $stage -le 2 ] && [ $stop_stage -ge 2 ]; then
   log "stage 2: training $config into $expdir (resumes from its newest checkpoint; log $expdir/log/train.log)"
   steps/train.sh --cmd "$train_cmd" --cluster "$cluster" --ngpu "$ngpu" --nnodes "$nnodes" --node-rank "$node_rank" \
-    --rdzv-endpoint "$rdzv_endpoint" --config "$config" "$train_dir" "$expdir" ${overrides[@]+"${overrides[@]}"}
+    --rdzv-endpoint "$rdzv_endpoint" --valid-data "$test_dir" --config "$config" "$train_dir" "$expdir" \
+    ${overrides[@]+"${overrides[@]}"}
 fi
 
 if [ $stage -le 3 ] && [ $stop_stage -ge 3 ]; then

@@ -194,7 +194,7 @@ def timed_steps(cfg, device, batch, warm, timed, label):
     """(first-step loss, loss after the timed steps, seconds a step, set-up + warm-up seconds, peak memory) of
     training as capsv.bin.train builds and runs it, on one batch over and over."""
     import torch
-    from capsv.bin.train import build_training, train_epoch
+    from capsv.trainer import build_training, train_epoch
     t_build = time.perf_counter()
     net, loss_fn, opt, sched, step = build_training(cfg, CLASSES, device)
     # the first step: the same weights (build_training seeds them) and batch in every row
@@ -280,7 +280,7 @@ def part_loader(a, rows):
     """The data-wait share of training at the paper's batch, crops read from ark files by the paper's workers."""
     import kaldiio
     import numpy as np
-    from capsv.bin.train import build_training, train_epoch
+    from capsv.trainer import build_training, train_epoch
     from capsv.config import load_config
     from capsv.data import ArkReader, EpisodeLoader, EpisodicBatches, read_data_dir
     device = the_device(a.dry_run)

@@ -34,6 +34,7 @@ nnodes=1        # nodes of a multi-node run, each running this script
 node_rank=0     # this node's index, 0 .. nnodes-1
 rdzv_endpoint=  # HOST:PORT of node 0's c10d rendezvous (--nnodes > 1 without Slurm)
 cluster=none    # none: --cmd runs the job on this machine; slurm: --cmd submits it to Slurm
+valid_data=     # data dir (features, trials) scored every train.validate_every epochs; empty: no validation
 
 echo "$0 $*"
 
@@ -48,7 +49,8 @@ options:
   --nnodes <m>             nodes (default $nnodes); Slurm: one job; else run this on each with its --node-rank
   --node-rank <k>          this node's index (default $node_rank)
   --rdzv-endpoint <h:p>    node 0's rendezvous address, for --nnodes > 1 without Slurm
-  --cluster none|slurm     what --cmd does: run here, or submit to Slurm (default $cluster)"
+  --cluster none|slurm     what --cmd does: run here, or submit to Slurm (default $cluster)
+  --valid-data <dir>       validation data dir, its trials scored every train.validate_every epochs"
 
 . "$(dirname "$0")/parse_options.sh" || exit 1
 
@@ -86,7 +88,9 @@ fi
 # on a cluster, a job without GPUs must not use one it did not ask for
 cpu_only=(); [ "$cluster" = slurm ] && [ "$ngpu" -eq 0 ] && cpu_only=(device=cpu)
 
-python -m capsv.bin.train --check --world-size "$world" --config "$config" --data "$data" --exp "$dir" ${cpu_only[@]+"${cpu_only[@]}"} "$@"
+valid=(); [ -z "$valid_data" ] || valid=(--valid-data "$valid_data")
+python -m capsv.bin.train --check --world-size "$world" --config "$config" --data "$data" --exp "$dir" \
+  ${valid[@]+"${valid[@]}"} ${cpu_only[@]+"${cpu_only[@]}"} "$@"
 
 train=(python -m capsv.bin.train)
 launch=(--gpu "$ngpu")
@@ -114,7 +118,8 @@ log=$dir/log/train.log
 # be shown meanwhile; a background job would ignore Ctrl-C, hence `trap - INT` before it starts.
 sig=""; job=""
 for s in INT TERM HUP; do trap "sig=$s; [ -z \"\$job\" ] || kill -s $s \"\$job\" 2>/dev/null || true" "$s"; done
-(trap - INT; exec $cmd "${launch[@]}" "$log" "${train[@]}" --config "$config" --data "$data" --exp "$dir" ${cpu_only[@]+"${cpu_only[@]}"} "$@") &
+(trap - INT; exec $cmd "${launch[@]}" "$log" "${train[@]}" --config "$config" --data "$data" --exp "$dir" ${valid[@]+"${valid[@]}"} \
+  ${cpu_only[@]+"${cpu_only[@]}"} "$@") &
 job=$!
 # the launcher writes the log (here or on a compute node); tail follows it until the launcher ends
 tail -n +1 -F --pid="$job" "$log" 2>/dev/null &

@@ -81,6 +81,38 @@ def test_rng_state_is_plain_and_round_trips_exactly():
         assert np.array_equal(np.asarray(a), np.asarray(b))
 
 
+class FakeGpus:
+    """torch.cuda's RNG calls recorded, standing in for a machine with 4 GPUs: which device each touches."""
+
+    def __init__(self, monkeypatch):
+        self.got, self.set = [], []
+        monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": self.got.append(device) or
+                            torch.full((8,), torch.device(device).index or 0, dtype=torch.uint8))
+        monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device="cuda": self.set.append(
+            (torch.device(device).index, int(state[0]))))
+        monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: pytest.fail("every GPU's state was asked for"))
+
+
+def test_cuda_rng_state_of_the_own_gpu_only(monkeypatch):
+    """A rank saves and restores its own GPU's state, and creates no context on the other ranks' GPUs; a checkpoint
+    of older versions (one state per visible GPU) restores the own GPU's entry."""
+    gpus = FakeGpus(monkeypatch)
+    before = torch.get_rng_state()
+    try:
+        state = checkpoint.rng_state(torch.device("cuda", 2))
+        assert gpus.got == [torch.device("cuda", 2)] and int(state["cuda"][0]) == 2
+        assert checkpoint.plain_data_error(state) is None
+        checkpoint.set_rng_state(state, torch.device("cuda", 3))    # resumed on another GPU: to that one alone
+        assert gpus.set == [(3, 2)]
+        older = {**state, "cuda": [torch.full((8,), i, dtype=torch.uint8) for i in range(4)]}
+        checkpoint.set_rng_state(older, torch.device("cuda", 1))
+        assert gpus.set[1:] == [(1, 1)]
+        checkpoint.set_rng_state(older, torch.device("cpu"))        # a CPU run leaves the GPUs alone
+        assert checkpoint.rng_state(torch.device("cpu"))["cuda"] is None and len(gpus.set) == 2
+    finally:
+        torch.set_rng_state(before)
+
+
 def test_round_trip_through_weights_only_load_with_sidecar(tmp_path):
     save_epochs(tmp_path, [1])
     path = checkpoint.checkpoint_path(tmp_path, 1)

@@ -16,7 +16,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from capsv import checkpoint, distributed
-from capsv.bin.train import TrainStep
+from capsv.trainer import TrainStep
 from capsv.config import load_config
 from capsv.data import EpisodicBatches, read_data_dir
 from capsv.losses import STATS, NPSoftmaxLoss

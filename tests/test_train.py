@@ -1,6 +1,7 @@
 """Training: episodic batches, crop reads, checkpoints, identical resume, config errors."""
 import os
 import re
+import struct
 import subprocess
 import sys
 import time
@@ -11,8 +12,7 @@ import pandas as pd
 import pytest
 import torch
 
-from capsv import checkpoint
-from capsv.bin import train
+from capsv import checkpoint, trainer
 from capsv.config import load_config
 from capsv.data import ArkReader, EpisodeDataset, EpisodicBatches, crop, read_data_dir
 from capsv.losses import NPSoftmaxLoss
@@ -174,8 +174,8 @@ def test_resume_loads_on_cpu_whatever_the_device(tmp_path):
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.95)
     before = torch.get_rng_state()
     try:
-        epoch = train.resume(str(models), net, loss_fn, opt, sched, saved["speakers"], "data")
-        assert epoch == 1
+        state = trainer.resume(str(models), net, loss_fn, opt, sched, saved["speakers"], "data")
+        assert state["epoch"] == 1
         assert torch.equal(torch.get_rng_state(), saved["rng"]["torch"])
         moments = [v for st in opt.state.values() for k, v in st.items() if k == "exp_avg"]
         assert moments and all(v.device.type == "meta" for v in moments)   # optimiser state follows the params
@@ -337,20 +337,133 @@ def test_data_wait_is_the_share_of_step_time_blocked_on_the_loader(tmp_path, del
     loss_fn = NPSoftmaxLoss(cfg["model"]["embed_dim"], 5)
     opt = torch.optim.Adam(list(net.parameters()) + list(loss_fn.parameters()), lr=1e-3)
     batches = [(torch.randn(3, 2, 40, 40), torch.tensor([0, 1, 2])) for _ in range(3)]
-    step = train.TrainStep(net, loss_fn)
-    train.train_epoch(step, opt, batches[:1], torch.device("cpu"), "warm-up")   # first calls are slow
+    step = trainer.TrainStep(net, loss_fn)
+    trainer.train_epoch(step, opt, batches[:1], torch.device("cpu"), "warm-up")   # first calls are slow
     t0 = time.perf_counter()
-    stats = train.train_epoch(step, opt, SlowLoader(batches, delay), torch.device("cpu"), "epoch 1/1")
+    stats = trainer.train_epoch(step, opt, SlowLoader(batches, delay), torch.device("cpu"), "epoch 1/1")
     total = time.perf_counter() - t0
     assert stats["data_wait"] == pytest.approx(3 * delay / total, abs=0.05)
-    assert (stats["data_wait"] > train.DATA_WAIT_WARN) == (delay > 0)   # each step here takes well under 0.2 s
+    assert (stats["data_wait"] > trainer.DATA_WAIT_WARN) == (delay > 0)   # each step here takes well under 0.2 s
 
 
 def test_a_loader_bound_epoch_is_warned(caplog):
     stats = {"loss": 1.0, "np_loss": 0.5, "ce_loss": 0.5, "np_acc": 0.5, "ce_acc": 0.5}
     caplog.set_level("INFO", logger="capsv.train")
-    train.report_epoch(3, {**stats, "data_wait": 0.08}, 1e-3, 10, 5.0, 4)
+    trainer.report_epoch(3, {**stats, "data_wait": 0.08}, 1e-3, 10, 5.0, 4)
     assert "data wait 8.0 %" in caplog.text and "WARNING" not in caplog.text
-    train.report_epoch(4, {**stats, "data_wait": 0.25}, 1e-3, 10, 5.0, 4)
+    trainer.report_epoch(4, {**stats, "data_wait": 0.25}, 1e-3, 10, 5.0, 4)
     assert "WARNING: epoch 4 spent 25 % of its step time waiting for data (over 10 %); raise train.num_workers " \
            "(now 4)" in caplog.text
+
+
+# Validation during training, the train log and the curves ------------------------------------------------------
+
+def make_valid_dir(d):
+    """A test-like data dir: 12 utterances of 4 speakers and every pair of them as trials."""
+    feats = make_data_dir(d, n_spk=4, n_utt=3, seed=5)
+    utts = sorted(feats)
+    with open(f"{d}/trials", "w") as f:
+        for i, a in enumerate(utts):
+            for b in utts[i + 1:]:
+                f.write(f"{a} {b} {'target' if a.split('-')[0] == b.split('-')[0] else 'nontarget'}\n")
+
+
+def run_train_valid(data, exp, valid, *overrides):
+    """capsv.bin.train with --valid-data, eval crops made small (the scorer's cost is not what is tested)."""
+    return subprocess.run([sys.executable, "-m", "capsv.bin.train", "--config", f"{ROOT}/conf/mini/cap.yaml",
+                           "--data", str(data), "--exp", str(exp), "--valid-data", str(valid), *SMALL,
+                           "eval.num_crops=2", "eval.crop_frames=50", *overrides], capture_output=True, text=True)
+
+
+VALID_LINE = re.compile(r"epoch (\d+): loss .*; validation EER (\d+\.\d\d) % minDCF\(0\.05\) (\d\.\d{4}) "
+                        r"\((\d+) trials, (\d+\.\d) s\)")
+
+
+def png_size(path):
+    with open(path, "rb") as f:
+        head = f.read(24)
+    assert head[:8] == b"\x89PNG\r\n\x1a\n", path
+    return struct.unpack(">II", head[16:24])
+
+
+def test_validation_changes_nothing_is_logged_and_resumes_without_repeating(tmp_path):
+    make_data_dir(tmp_path / "data")
+    make_valid_dir(tmp_path / "valid")
+    plain = run_train(tmp_path / "data", tmp_path / "plain", "train.epochs=3")
+    assert plain.returncode == 0, plain.stderr
+    exp = tmp_path / "valid_exp"
+    r = run_train_valid(tmp_path / "data", exp, tmp_path / "valid", "train.epochs=2", "train.validate_every=2")
+    assert r.returncode == 0, r.stderr
+    assert "validation every 2 epochs: 66 trials of" in r.stderr
+    assert [int(m.group(1)) for m in VALID_LINE.finditer(r.stderr)] == [2]
+    # killed between epoch 2's checkpoint and its train_log.csv row: the row comes back from the checkpoint
+    csv = exp / "train_log.csv"
+    logged = pd.read_csv(csv)
+    csv.write_text("".join(csv.read_text().splitlines(keepends=True)[:-1]))
+    r = run_train_valid(tmp_path / "data", exp, tmp_path / "valid", "train.epochs=3", "train.validate_every=1")
+    assert r.returncode == 0, r.stderr
+    assert "train.epochs 2 -> 3, train.validate_every 2 -> 1" in r.stderr
+    assert [int(m.group(1)) for m in VALID_LINE.finditer(r.stderr)] == [3]   # epoch 2's is not repeated
+    log = pd.read_csv(csv)
+    assert list(log.epoch) == [1, 2, 3]
+    pd.testing.assert_frame_equal(log.iloc[:2][logged.columns], logged, check_exact=False, rtol=1e-5)
+    assert log["valid_eer_pct"].isna().tolist() == [True, False, False]
+    line = [m for m in VALID_LINE.finditer(r.stderr)][0]
+    assert float(line.group(2)) == pytest.approx(log["valid_eer_pct"].iloc[2], abs=0.005)
+    assert float(line.group(5)) == pytest.approx(log["valid_seconds"].iloc[2], abs=0.05)
+    # the same weights and losses as a run without validation
+    a = checkpoint.load_latest(tmp_path / "plain/models")
+    b = checkpoint.load_latest(exp / "models")
+    for k, v in a["model"].items():
+        torch.testing.assert_close(v, b["model"][k], rtol=0, atol=0)
+    np.testing.assert_array_equal(pd.read_csv(tmp_path / "plain/train_log.csv")["loss"], log["loss"])
+
+
+def test_validation_naming_utterances_without_features_stops_at_start(tmp_path):
+    make_data_dir(tmp_path / "data")
+    make_valid_dir(tmp_path / "valid")
+    drop_utts(tmp_path / "valid", {"spk1-u0", "spk2-u2"})
+    r = run_train_valid(tmp_path / "data", tmp_path / "x", tmp_path / "valid", "train.epochs=1")
+    assert one_line_error(r) == (
+        f"ERROR: {tmp_path}/valid/trials: the validation trials name utterance 'spk1-u0', which has no features in "
+        f"{tmp_path}/valid/feats.scp (2 such utterance(s)); give --valid-data the data dir of these trials, or set "
+        f"train.validate_every=0")
+    assert not (tmp_path / "x").exists()     # before any epoch: nothing written
+
+
+def test_validation_subset_is_fixed_by_the_seed(tmp_path):
+    make_valid_dir(tmp_path / "valid")
+    cfg = load_config(f"{ROOT}/conf/mini/cap.yaml", SMALL + ["train.validate_trials=20"])
+    one = trainer.Validation.from_options(cfg, str(tmp_path / "valid"))
+    again = trainer.Validation.from_options(cfg, str(tmp_path / "valid"))
+    other = trainer.Validation.from_options(load_config(f"{ROOT}/conf/mini/cap.yaml", SMALL + [
+        "train.validate_trials=20", "seed=2"]), str(tmp_path / "valid"))
+    everything = trainer.Validation.from_options(load_config(f"{ROOT}/conf/mini/cap.yaml", SMALL + [
+        "train.validate_trials=0"]), str(tmp_path / "valid"))
+    assert len(one.trials) == 20 and one.trials == again.trials and one.trials != other.trials
+    assert set(one.trials) < set(everything.trials) and len(everything.trials) == 66
+    assert len(one.utts) == 7   # all 21 pairs of 7 utterances hold 20 trials: the trunk runs on 7 of the 12
+    assert trainer.Validation.from_options(load_config(f"{ROOT}/conf/mini/cap.yaml", SMALL + [
+        "train.validate_every=0"]), str(tmp_path / "valid")) is None
+
+
+def test_the_recipe_validates_during_training_as_stage_3_scores(trained_recipe):
+    """run.sh gives the test set to stage 2: the mini config (every 8 epochs, a fixed subset) validated epoch 8 of
+    the 10, logged in train.log and train_log.csv, and drew train_curves.png (a run of 10 epochs of about 3 s:
+    long enough to draw). Validation scores are stage 3's."""
+    exp = trained_recipe / "exp/small_cap"
+    lines = list(VALID_LINE.finditer((exp / "log/train.log").read_text()))
+    assert [int(m.group(1)) for m in lines] == [8] and int(lines[0].group(4)) == 150
+    log = pd.read_csv(exp / "train_log.csv")
+    assert log["valid_eer_pct"].notna().tolist() == [e == 8 for e in log.epoch]
+    assert float(lines[0].group(2)) == pytest.approx(log.set_index("epoch").loc[8, "valid_eer_pct"], abs=0.005)
+    assert png_size(exp / "train_curves.png") == (1080, 594)
+    # the validation's scores of the final weights are stage 3's scores of the same trials
+    state = checkpoint.load_for_inference(exp)
+    net = SpeakerNet.from_config(state["config"])
+    net.load_state_dict(state["model"])
+    cfg = load_config(exp / "config.yaml", ["train.validate_trials=8"])
+    valid = trainer.Validation.from_options(cfg, str(trained_recipe / "data/synth_test"))
+    stage3 = {(e, t): float(s) for e, t, s in (l.split() for l in open(exp / "scores/synth_test.score"))}
+    got = valid.scores(net, torch.device("cpu"))
+    np.testing.assert_allclose(got, [stage3[e, t] for e, t, _ in valid.trials], atol=2e-6)

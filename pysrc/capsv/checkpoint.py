@@ -28,7 +28,9 @@ import torch
 
 from capsv.utils import UserError, atomic_open, atomic_path, run_main
 
-# What train.py writes; a file without these is not a checkpoint of this recipe.
+# What training writes (capsv.trainer); a file without these is not a checkpoint of this recipe. Newer
+# checkpoints also hold "precision" (the training precision's record), "scaler" (the fp16 gradient scaler's
+# state, else None) and "log" (the epoch's train_log.csv row); older ones without them still load.
 REQUIRED = {"epoch": int, "config": dict, "speakers": list, "model": dict, "loss": dict,
             "optimizer": dict, "scheduler": dict, "rng": dict}
 
@@ -51,8 +53,12 @@ def list_checkpoints(models_dir):
     return sorted(found, reverse=True)
 
 
-def rng_state():
-    """Every RNG's state as tensors and plain values (numpy's and python's tuples converted)."""
+def rng_state(device=None):
+    """Every RNG's state as tensors and plain values (numpy's and python's tuples converted).
+
+    CUDA: the state of `device` alone (this process's own GPU), None on the CPU. Asking for every visible
+    GPU's state would create a CUDA context on each, on GPUs that other ranks use.
+    """
     name, key, pos, has_gauss, cached = np.random.get_state()
     version, internal, gauss_next = random.getstate()
     return {
@@ -61,11 +67,12 @@ def rng_state():
         "numpy": {"name": name, "key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos),
                   "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
         "python": {"version": version, "state": list(internal), "gauss_next": gauss_next},
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "cuda": torch.cuda.get_rng_state(device) if device is not None and device.type == "cuda" else None,
     }
 
 
-def set_rng_state(state):
+def set_rng_state(state, device=None):
+    """Restore what rng_state saved; a CUDA state goes to `device` (this process's own GPU) only."""
     # torch.set_rng_state takes only a CPU ByteTensor: checkpoints are therefore loaded on the CPU
     torch.set_rng_state(state["torch"])
     n = state["numpy"]
@@ -73,9 +80,14 @@ def set_rng_state(state):
                          n["cached_gaussian"]))
     p = state["python"]
     random.setstate((p["version"], tuple(p["state"]), p["gauss_next"]))
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        for i, s in enumerate(state["cuda"][:torch.cuda.device_count()]):
-            torch.cuda.set_rng_state(s, i)
+    cuda = state.get("cuda")
+    if cuda is None or device is None or device.type != "cuda":
+        return
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if isinstance(cuda, (list, tuple)):   # older checkpoints: one state per GPU visible to the saving process
+        cuda = cuda[index] if index < len(cuda) else None
+    if cuda is not None:
+        torch.cuda.set_rng_state(cuda, device)
 
 
 def plain_data_error(obj, where="checkpoint"):

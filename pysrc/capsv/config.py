@@ -53,6 +53,11 @@ DEFAULTS = {
         "num_workers": 4,
         "prefetch_factor": 2,        # batches each loader worker reads ahead
         "keep_checkpoints": 5,       # newest epochs kept in models/ (0 keeps all)
+        # Validation during training (capsv.trainer.Validation): monitoring only, it never changes what is
+        # trained. Every validate_every epochs (0: never) the trials of --valid-data are scored at the eval
+        # settings; validate_trials > 0 scores a fixed random subset of that many (chosen by the seed).
+        "validate_every": 10,
+        "validate_trials": 0,
     },
     "eval": {
         "num_crops": 10,
@@ -70,7 +75,7 @@ DEFAULTS = {
 # never the method.
 SCALE_KEYS = {
     "train.epochs", "train.speakers_per_batch", "train.lr_decay_every", "train.num_workers",
-    "eval.trial_batch", "eval.asnorm_top_k",
+    "train.validate_every", "train.validate_trials", "eval.trial_batch", "eval.asnorm_top_k",
 }
 
 CHOICES = {"device": {"auto", "cpu", "cuda"}, "model.pooling": {"tap", "sap", "cap"},
@@ -103,6 +108,8 @@ RANGES = {
     "train.prefetch_factor": (1, False, None, False),
     "train.dist_timeout_s": (1, False, None, False),
     "train.keep_checkpoints": (0, False, None, False),   # 0 keeps all
+    "train.validate_every": (0, False, None, False),     # 0: no validation
+    "train.validate_trials": (0, False, None, False),    # 0: every trial
     "eval.num_crops": (1, False, None, False),
     "eval.crop_frames": (1, False, None, False),
     "eval.trial_batch": (1, False, None, False),

@@ -137,6 +137,10 @@ def render(system, exp, rows, cal, decisions, det_path, hist_path, page_dir=None
         f"![Score histograms, target and non-target]({os.path.relpath(hist_path, page_dir)})",
         "",
     ]
+    curves = os.path.join(exp, "train_curves.png")   # stage 2's, when the run drew them
+    if os.path.exists(curves):
+        lines += [f"![Training curves: losses, accuracies, learning rate, validation]"
+                  f"({os.path.relpath(curves, page_dir)})", ""]
     return "\n".join(lines)
 
 
