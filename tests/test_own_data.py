@@ -105,8 +105,8 @@ def test_scoring_split_over_jobs_equals_one_job(own):
     assert r.returncode == 0, r.stderr
     one = {n: (scores / n).read_text() for n in two}
     assert one == two
-    assert sorted(os.listdir(scores)) == [
-        ".score.lock", "own_test.score", "own_test.score.json", "own_test_b.score", "own_test_b.score.json"]
+    assert sorted(os.listdir(scores)) == [".score.lock"] + sorted(   # no job's part left behind
+        f"{n}{x}" for n in ("own_test", "own_test_b") for x in (".score", ".score.json", ".llr.score", ".llr.score.json"))
 
 
 # ---- 8 kHz audio with conf/fbank_8k.conf; later stages remember the sets and the fbank conf ----
@@ -182,7 +182,7 @@ def test_later_stages_alone_use_the_recorded_sets_and_fbank_conf(tel):
     scores = (tmp / "exp/tiny_cap/scores/tel_test.score").read_text().splitlines()
     trials = (tmp / "data/tel_test/trials").read_text().splitlines()
     assert [s.split()[:2] for s in scores] == [t.split()[:2] for t in trials]
-    assert f"scoring every trial list of {tmp}/data/tel_test" in runs["3-4"].stdout
+    assert f"stage 3: embeddings of {tmp}/data/tel_test" in runs["3-4"].stdout
     cal = json.loads((tmp / "exp/tiny_cap/calibration.json").read_text())
     assert cal["fbank"]["path"] == "conf/fbank_8k.conf" and cal["fbank"]["options"]["sample_frequency"] == 8000
     assert cal["fbank"]["checked_against"]["data"] == f"{tmp}/data/tel_test"

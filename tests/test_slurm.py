@@ -369,12 +369,13 @@ def test_score_jobs_ask_for_a_gpu_as_training_did(tmp_path, opts, gpu):
                                      f"score_cmd='{tmp_path}/launcher --mem 2G'\n")
     (tmp_path / "data/synth_test").mkdir(parents=True)
     (tmp_path / "data/synth_test/trials").write_text("a b target\n")
+    (tmp_path / "data/synth_test/feats.scp").write_text("a x.ark:10\nb x.ark:20\n")  # the launcher fails first
     (tmp_path / "exp/mini_cap").mkdir(parents=True)
     (tmp_path / "exp/mini_cap/config.yaml").write_text("{}\n")
     r = subprocess.run(["bash", "run.sh", "--cmd-conf", str(tmp_path / "cmd.sh"), "--stage", "3", "--stop-stage", "3",
                         "--data", str(tmp_path / "data"), "--exp", str(tmp_path / "exp"), *opts],
                        cwd=ROOT, env=ENV, capture_output=True, text=True)
-    assert r.returncode == 1 and "scoring failed" in r.stderr
+    assert r.returncode == 1 and "extraction failed" in r.stderr, r.stderr
     args = (tmp_path / "launcher.args").read_text().splitlines()
     assert args[:2] == ["--mem", "2G"] and (args[2:4] == ["--gpu", "1"]) == gpu
     assert ("device=cpu" in args) == (not gpu)
