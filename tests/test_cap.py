@@ -1,4 +1,4 @@
-"""CAP: the fast identity (DESIGN §2.1) against the literal eq. 9-12, values and gradients."""
+"""CAP: the fast identity (doc/design.md, "CAP, and why it is cheap here") against the literal eq. 9-12, values and gradients."""
 import pytest
 import torch
 

@@ -14,7 +14,7 @@ from capsv.utils import UserError
 # Precisions of train.amp and eval.precision (what each means: capsv.device).
 PRECISIONS = ("auto", "bf16", "fp16", "off")
 
-# The paper's VoxCeleb settings (DESIGN §2); conf/*.yaml spell them out, conf/mini/*.yaml
+# The paper's VoxCeleb settings (doc/design.md); conf/*.yaml spell them out, conf/mini/*.yaml
 # change only SCALE_KEYS.
 DEFAULTS = {
     "seed": 1,

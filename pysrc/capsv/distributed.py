@@ -1,4 +1,4 @@
-"""Training on several processes (torchrun + DDP) with the single-process objective (DESIGN §7).
+"""Training on several processes (torchrun + DDP) with the single-process objective (doc/multi-gpu.md).
 
 Each global batch of N speakers (train.speakers_per_batch) is cut into W contiguous blocks of N/W
 speakers, one per rank: rank r holds speakers [r N/W, (r+1) N/W) and reads only their crops. A

@@ -1,4 +1,4 @@
-"""Evaluation protocol (DESIGN §2): 10 evenly spaced crops of 350 frames per utterance,
+"""Evaluation protocol (doc/design.md): 10 evenly spaced crops of 350 frames per utterance,
 score = mean cosine over the 10 x 10 crop pairs of a trial.
 
 Three steps, each done once for what it depends on:
@@ -6,7 +6,7 @@ Three steps, each done once for what it depends on:
 1. the trunk runs once per utterance, all its crops in one batch (bf16 autocast on a GPU);
 2. per utterance, what does not depend on the trial partner goes into a `ScoringCache` row.
    TAP/SAP: the mean of the unit-length crop embeddings (the 100 cosines average to one dot
-   product). CAP, per crop (DESIGN §2.1, §7): the unit projected frames Ŝ, their sum m (divided
+   product). CAP, per crop (doc/design.md, doc/performance.md): the unit projected frames Ŝ, their sum m (divided
    by T·τ), the frames times the head's BatchNorm scale / T (U) and the BN-affine of the frame
    mean (c). The head is BN (eval: affine) -> ReLU -> fc, and the pooled vector is
    x̄ + (1/T) Σ_t w_t x_t, so the pre-ReLU vector of a crop pair is c + wᵀU; the fc is replaced

@@ -1,4 +1,4 @@
-"""Trial lists and score files (Kaldi conventions, DESIGN.md section 4).
+"""Trial lists and score files (Kaldi conventions, doc/design.md).
 
 - trials: `<enroll-utt> <test-utt> target|nontarget`, one trial per line;
 - VoxCeleb lists: `1|0 <path> <path>` (e.g. veri_test.txt), converted to Kaldi trials;

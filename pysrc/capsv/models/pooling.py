@@ -6,7 +6,7 @@ vectors of every A-member as paired with every B-member, and vice versa, both sh
 [..., Nb, Na, C] (rows follow B, columns follow A). TAP and SAP ignore the partner,
 so their grids are broadcasts; CAP's depend on the pair.
 
-CAP uses the identity of DESIGN §2.1 so no Ta x Tb matrix is formed: with Â, B̂ the
+CAP uses the identity of doc/design.md ("CAP, and why it is cheap here") so no Ta x Tb matrix is formed: with Â, B̂ the
 L2-normalised projected frames, m = Â^T 1 and G = B̂^T B̂, the attention logit of A's
 frame t against B is Â_t^T G_B m_A / Ta. `cap_pair_direct` keeps eq. 9-12 literally
 and serves as the test oracle.
@@ -98,7 +98,7 @@ def cap_cross_logits(sxt, mx, syt):
 
     sxt [B, Kx, D, Tx]: unit frames of x, transposed; mx [B, Kx, D]: their sum divided by Tx * tau;
     syt [B, Ky, D, Ty]: unit frames of y, transposed. Returns [B * Kx, Ky, Tx]:
-    logits[(b, i), j, t] = sx[b,i,t] . G_y[b,j] mx[b,i] with G_y = sy^T sy (DESIGN §2.1); softmax over t
+    logits[(b, i), j, t] = sx[b,i,t] . G_y[b,j] mx[b,i] with G_y = sy^T sy (doc/design.md, "CAP, and why it is cheap here"); softmax over t
     gives the weights of eq. 11. G_y m is taken as sy^T (sy m): 2 Ty D products per crop pair instead of
     D^2, but no D x D Gram matrix is stored per crop (64 KB at D = 128, more than sy itself) or gathered
     per trial, which measured no faster. The frames are kept transposed ([D, T] per crop): two of the

@@ -1,4 +1,4 @@
-"""Fast ResNet-34 trunk (DESIGN §2): log-mel frames -> 128-d frame sequence at 1/4 the frame rate."""
+"""Fast ResNet-34 trunk (doc/design.md): log-mel frames -> 128-d frame sequence at 1/4 the frame rate."""
 import torch
 from torch import nn
 
