@@ -90,7 +90,7 @@ def check_page(exp):
     assert ckpt.is_file() and f"`{shown}`, epoch {cal['epoch']}" in page and cal["epoch"] == 10
     assert f"python {platform.python_version()}, torch {torch.__version__}, torchaudio {torchaudio.__version__}" in page
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", page)
-    assert sorted(links) == ["det.png", "score_hist.png"]
+    assert sorted(links) == ["det.png", "score_hist.png", "train_curves.png"]   # stage 2 drew the curves
     for link in links:
         assert (exp / link).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # what the calibrated thresholds do on each raw list, counted
