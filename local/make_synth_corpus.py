@@ -55,7 +55,7 @@ _W = np.hanning(NFFT + 1)[:NFFT]  # scipy's periodic 'hann'
 NOISE_STFT_RMS = float(np.sqrt(np.sum(_W ** 2) / 2.0) / np.sum(_W))  # per real/imag part
 
 # ---------------------------------------------------------------------------------------
-# Difficulty knobs (see the report / README): nuisance strengths per utterance.
+# Difficulty knobs (doc/design.md, "The embedded corpus"): nuisance strengths per utterance.
 NUISANCE = dict(
     eq_tilt_db_oct=6.0,        # channel tilt uniform in +-this (dB/octave re 1 kHz)
     eq_bands=(1, 3),           # number of peaking/notch bands

@@ -9,7 +9,7 @@
 
 Prints seconds of one CPU core per hour of audio for decoding and for the whole of stage 1's
 work per file (decode + read + fbank), and the disk a conversion needs per hour of audio.
-local/prepare_voxceleb.py writes pipes; README's VoxCeleb section gives the numbers and why.
+local/prepare_voxceleb.py writes pipes; doc/voxceleb.md gives the numbers and why.
 """
 import argparse
 import glob

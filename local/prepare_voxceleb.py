@@ -17,7 +17,7 @@ dev/wav (Vox1-E and Vox1-H draw from VoxCeleb1 dev). Each list becomes a Kaldi t
 Lists are taken from --trial-lists, else from <voxceleb1-root> or <voxceleb1-root>/meta under
 their distributed names. Utterance ids are idXXXXX-<video>-<nnnnn>, sorted as LC_ALL=C sorts.
 
-m4a files become `ffmpeg ... - |` entries of wav.scp, decoded by stage 1 (README, "VoxCeleb":
+m4a files become `ffmpeg ... - |` entries of wav.scp, decoded by stage 1 (doc/voxceleb.md:
 measured with local/measure_m4a_decoding.py, this costs no disk and less CPU than converting
 first). Every problem with the roots and lists is found before anything is written and
 reported as one line naming what is missing and where it was looked for.
