@@ -18,6 +18,22 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def live_commands():
+    """(pid, command line) of every live, not zombie, process: what a test looks for after a signal."""
+    out = []
+    for p in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{p}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode()
+            with open(f"/proc/{p}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+        except (OSError, ValueError, IndexError):
+            continue
+        if state != "Z":
+            out.append((int(p), cmd))
+    return out
+
+
 def recipe_cmd(tmp, *args, size="small"):
     """run.sh on the embedded corpus of `size` with every output under `tmp`."""
     return ["bash", "run.sh", "--synth-size", size, "--data", f"{tmp}/data", "--exp", f"{tmp}/exp",

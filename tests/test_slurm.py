@@ -19,6 +19,8 @@ import pytest
 import torch
 import yaml
 
+from conftest import live_commands
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH = os.path.join(ROOT, "steps", "launch_slurm.sh")
 ENV = dict(os.environ, LC_ALL="C")
@@ -570,18 +572,7 @@ LOCAL_CONF = "local/slurm/cmd_local_cluster.sh"
 
 def pids_of(*parts):
     """Pids of live processes whose command line holds every one of `parts`."""
-    out = []
-    for p in os.listdir("/proc"):
-        try:
-            with open(f"/proc/{p}/cmdline", "rb") as f:
-                cmd = f.read().replace(b"\0", b" ").decode()
-            with open(f"/proc/{p}/stat") as f:
-                state = f.read().rsplit(")", 1)[1].split()[0]
-        except (OSError, ValueError, IndexError):
-            continue
-        if all(x in cmd for x in parts) and state != "Z":
-            out.append(int(p))
-    return out
+    return [p for p, cmd in live_commands() if all(x in cmd for x in parts)]
 
 
 def argv(pid):

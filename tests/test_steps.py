@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from conftest import live_commands
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = os.path.join(ROOT, "steps")
 ENV = dict(os.environ, LC_ALL="C")
@@ -121,18 +123,7 @@ def test_launch_local_max_jobs(tmp_path):
 
 def running(marker):
     """Pids of live (not zombie) processes whose command line starts with `marker`."""
-    pids = []
-    for p in os.listdir("/proc"):
-        try:
-            with open(f"/proc/{p}/cmdline", "rb") as f:
-                cmd = f.read().replace(b"\0", b" ").decode()
-            with open(f"/proc/{p}/stat") as f:
-                state = f.read().rsplit(")", 1)[1].split()[0]
-        except (OSError, ValueError, IndexError):
-            continue
-        if cmd.startswith(marker) and state != "Z":
-            pids.append(int(p))
-    return pids
+    return [p for p, cmd in live_commands() if cmd.startswith(marker)]
 
 
 @pytest.mark.parametrize("sig,parent_ignores_int", [

@@ -231,5 +231,19 @@ def load_config(path=None, overrides=()):
     return cfg
 
 
+def load_exp_config(exp, overrides, what):
+    """The config experiment `exp` was trained with, for `what` (extraction, scoring) with only the eval.* and
+    device overrides that cannot change the trained model."""
+    import os
+
+    path = os.path.join(exp, "config.yaml")
+    if not os.path.exists(path):
+        raise UserError(f"{path} is missing; run stage 2 (training) for this experiment first")
+    for o in overrides:
+        if not (o.startswith("eval.") or o.startswith("device=")):
+            raise UserError(f"override '{o}': {what} takes only eval.* and device overrides")
+    return load_config(path, overrides)
+
+
 def dump_config(cfg):
     return yaml.safe_dump(cfg, sort_keys=False, default_flow_style=None)

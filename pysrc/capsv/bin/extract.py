@@ -56,17 +56,11 @@ def main():
             raise UserError("--wav-scp needs --out (where the archives go)")
         out = os.path.join(args.exp, "embeddings", os.path.basename(os.path.normpath(args.data)) +
                            ("_cohort" if args.cohort else ""))
-    cfg_path = os.path.join(args.exp, "config.yaml")
-    if not os.path.exists(cfg_path):
-        raise UserError(f"{cfg_path} is missing; run stage 2 (training) for this experiment first")
-    for o in args.overrides:
-        if not (o.startswith("eval.") or o.startswith("device=")):
-            raise UserError(f"override '{o}': extraction takes only eval.* and device overrides")
 
-    from capsv.config import load_config
+    from capsv.config import load_exp_config
     from capsv.embeddings import AudioFeatures, DataDirFeatures
 
-    cfg = load_config(cfg_path, args.overrides)
+    cfg = load_exp_config(args.exp, args.overrides, "extraction")
     if args.data:   # the inputs are checked before the model is loaded
         source = DataDirFeatures(args.data, cfg["eval"]["cohort_size"] if args.cohort else None)
     else:

@@ -31,7 +31,7 @@ import os
 import sys
 import time
 
-from capsv.config import load_config
+from capsv.config import load_exp_config
 from capsv.trials import read_trials, write_scores
 from capsv.utils import UserError, atomic_open, run_main, sha256
 
@@ -131,13 +131,7 @@ def main():
     if args.cohort_data and not args.data or args.cohort_embeddings and args.data:
         raise UserError("--cohort-data goes with --data, --cohort-embeddings with --embeddings")
 
-    cfg_path = os.path.join(args.exp, "config.yaml")
-    if not os.path.exists(cfg_path):
-        raise UserError(f"{cfg_path} is missing; run stage 2 (training) for this experiment first")
-    for o in args.overrides:
-        if not (o.startswith("eval.") or o.startswith("device=")):
-            raise UserError(f"override '{o}': scoring takes only eval.* and device overrides")
-    cfg = load_config(cfg_path, args.overrides)
+    cfg = load_exp_config(args.exp, args.overrides, "scoring")
     ecfg = cfg["eval"]
 
     import torch
