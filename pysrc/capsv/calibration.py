@@ -179,7 +179,7 @@ def fbank_record(conf_path, data_dir=None):
 
 
 def _check_stage1(opts, conf_path, data_dir):
-    from capsv.bin.compute_fbank import read_wav_scp
+    from capsv.trials import read_wav_scp
     from capsv.data import ArkReader, read_data_dir
     from capsv.features import compute_fbank, load_audio
 

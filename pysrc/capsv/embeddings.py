@@ -159,7 +159,7 @@ class AudioFeatures:
     utterances at a time: nothing is written but the archives."""
 
     def __init__(self, wav_scp, fbank_config, per_part=64):
-        from capsv.bin.compute_fbank import read_wav_scp   # the one reader of wav.scp lines
+        from capsv.trials import read_wav_scp
         from capsv.features import read_fbank_conf, target_rate
 
         entries = read_wav_scp(wav_scp)

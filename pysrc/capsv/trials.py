@@ -1,5 +1,6 @@
-"""Trial lists and score files (Kaldi conventions, doc/design.md).
+"""Kaldi text files of utterances: wav.scp, trial lists and score files (Kaldi conventions, doc/design.md).
 
+- wav.scp: `<utt> <path>` or `<utt> <command> |`, one recording per line;
 - trials: `<enroll-utt> <test-utt> target|nontarget`, one trial per line;
 - VoxCeleb lists: `1|0 <path> <path>` (e.g. veri_test.txt), converted to Kaldi trials;
 - score files: `<enroll> <test> <score>`, one line per trial, in trial order.
@@ -22,6 +23,22 @@ def open_input(path, what, fix):
         raise UserError(f"{path}: {what} not found; {fix}") from None
     except (IsADirectoryError, PermissionError) as e:
         raise UserError(f"{path}: cannot read {what} ({e.strerror}); {fix}") from None
+
+
+def read_wav_scp(path):
+    """(utt, spec) pairs of a wav.scp; spec may contain spaces (a command ending in `|`)."""
+    if not os.path.isfile(path):
+        raise UserError(f"{path} not found; run data preparation (stage 0) first")
+    entries = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            parts = line.strip().split(maxsplit=1)
+            if not parts:
+                continue
+            if len(parts) < 2:
+                raise UserError(f"{path}:{n}: expected '<utt> <path-or-command |>', got '{line.strip()}'")
+            entries.append((parts[0], parts[1]))
+    return entries
 
 
 def read_trials(path, known_utts=None):

@@ -30,26 +30,11 @@ import sys
 import time
 import zlib
 
+from capsv.trials import read_wav_scp
 from capsv.utils import UserError, atomic_open, atomic_path, progress, run_main
 
 # a job names this many bad utterances before it gives up, whatever the data dir allows
 MIN_NAMED = 10
-
-
-def read_wav_scp(path):
-    """(utt, spec) pairs of a wav.scp; spec may contain spaces (a command ending in `|`)."""
-    if not os.path.isfile(path):
-        raise UserError(f"{path} not found; run data preparation (stage 0) first")
-    entries = []
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            parts = line.strip().split(maxsplit=1)
-            if not parts:
-                continue
-            if len(parts) < 2:
-                raise UserError(f"{path}:{n}: expected '<utt> <path-or-command |>', got '{line.strip()}'")
-            entries.append((parts[0], parts[1]))
-    return entries
 
 
 def job_of(utt, njobs):
