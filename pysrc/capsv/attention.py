@@ -72,9 +72,7 @@ def load_exp(exp, pooling, option):
         raise UserError(f"{option} {exp} was trained with {cfg['model']['pooling'].upper()} pooling; {option} needs "
                         f"a {pooling.upper()} experiment{hint}")
     state = checkpoint.load_for_inference(exp)
-    net = SpeakerNet.from_config(state["config"])
-    net.load_state_dict(state["model"])
-    return net.eval(), cfg, state["epoch"]
+    return SpeakerNet.from_checkpoint(state), cfg, state["epoch"]
 
 
 def scored_data_dirs(exp):

@@ -40,6 +40,7 @@ same signature keeps the rows; scoring refuses rows of another checkpoint, and s
 import glob
 import hashlib
 import json
+import math
 import os
 import re
 import time
@@ -239,13 +240,6 @@ def archive_names(pooling):
     return ["embedding"] if pooling == "cap" else ["embedding", "crop_embedding"]
 
 
-def _prod(shape):
-    out = 1
-    for d in shape:
-        out *= d
-    return out
-
-
 def _part_name(name, job, ext):
     return f"{name}.{ext}" if job is None else f"{name}.{job}.{ext}"
 
@@ -318,7 +312,7 @@ def extract(out_dir, net, state, source, ecfg, device, job=None, njobs=1):
 
     os.makedirs(out_dir, exist_ok=True)
     meta = describe(state, ecfg, device, source)
-    first, end = job_slice(len(source.utts), job or 1, njobs) if job is not None else (0, len(source.utts))
+    first, end = job_slice(len(source.utts), job, njobs) if job is not None else (0, len(source.utts))
     part = source.utts[first:end]
     if job is not None:
         meta.update(job=job, njobs=njobs, first=first, count=len(part), utts_sha256=_sha_of_lines(part),
@@ -436,7 +430,7 @@ class EmbeddingArchive:
         k = meta["layout"]["crops"] if meta.get("layout") else meta["eval"]["num_crops"]
         if self.pair_dependent:
             self.shapes = {n: (k, *fields.get(n, ())) for n in CAP_FIELDS}
-            self.sizes = [_prod(fields.get(n, [0])) for n in CAP_FIELDS]
+            self.sizes = [math.prod(fields.get(n, [0])) for n in CAP_FIELDS]
         else:
             self.shapes = {"e": tuple(fields.get("e", ()))}
 

@@ -104,9 +104,7 @@ def load_net(exp):
         raise UserError(f"{cfg_path} is missing; run stage 2 (training) for this experiment first")
     cfg = load_config(cfg_path)
     state = checkpoint.load_for_inference(exp)
-    net = SpeakerNet.from_config(state["config"])
-    net.load_state_dict(state["model"])
-    return net.eval(), state, cfg
+    return SpeakerNet.from_checkpoint(state), state, cfg
 
 
 def parts(net):

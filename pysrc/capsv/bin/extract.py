@@ -78,9 +78,7 @@ def main():
     if state["epoch"] < cfg["train"]["epochs"]:
         print(f"WARNING: {args.exp} has trained {state['epoch']} of {cfg['train']['epochs']} epochs; "
               f"extracting with that checkpoint", file=sys.stderr)
-    net = SpeakerNet.from_config(state["config"]).to(device)
-    net.load_state_dict(state["model"])
-    net.eval()
+    net = SpeakerNet.from_checkpoint(state, device)
     with torch.inference_mode():
         extract(out, net, state, source, cfg["eval"], device, args.job, args.njobs)
 

@@ -145,7 +145,7 @@ def main():
     from capsv.scoring import score_trials
 
     device = pick_device(cfg["device"])
-    emb_dir, cohort_dir, state = args.embeddings, args.cohort_embeddings, None
+    emb_dir, cohort_dir, state, net = args.embeddings, args.cohort_embeddings, None, None
     if args.data:
         # the trials and the cohort are checked against the data dirs before the model is loaded
         utt2spk, _, _ = read_data_dir(args.data)
@@ -155,9 +155,7 @@ def main():
         if args.cohort_data:
             sources.append((DataDirFeatures(args.cohort_data, ecfg["cohort_size"]), "_cohort"))
         state = checkpoint.load_for_inference(args.exp)
-        net = SpeakerNet.from_config(state["config"]).to(device)
-        net.load_state_dict(state["model"])
-        net.eval()
+        net = SpeakerNet.from_checkpoint(state, device)
         dirs = []
         for source, suffix in sources:
             data = source.features["data"]
@@ -187,9 +185,8 @@ def main():
     if state["epoch"] < cfg["train"]["epochs"]:
         print(f"WARNING: {args.exp} has trained {state['epoch']} of {cfg['train']['epochs']} epochs; "
               f"scoring that checkpoint", file=sys.stderr)
-    net = SpeakerNet.from_config(state["config"]).to(device)   # the head only: the rows are the trunk's
-    net.load_state_dict(state["model"])
-    net.eval()
+    if net is None:   # (with --data, the network that extracted): the head only, the rows are the trunk's
+        net = SpeakerNet.from_checkpoint(state, device)
 
     t0, c0 = time.time(), time.process_time()
     cohort = Cohort(cohort_archive, ecfg, device) if cohort_archive else None

@@ -66,9 +66,7 @@ def main():
     differs = same_precision(cal if cal.get("precision") else None, scoring_precision(cal["eval"], device))
     if differs:
         print(f"WARNING: {differs}", file=sys.stderr)
-    net = SpeakerNet.from_config(state["config"]).to(device)
-    net.load_state_dict(state["model"])
-    net.eval()
+    net = SpeakerNet.from_checkpoint(state, device)
 
     with torch.inference_mode():
         scores = score_files(net, reader, trials, cal["eval"], device, cfg["eval"]["trial_batch"])

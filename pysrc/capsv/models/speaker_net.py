@@ -21,6 +21,13 @@ class SpeakerNet(nn.Module):
     def from_config(cls, cfg):
         return cls(**cfg["model"])
 
+    @classmethod
+    def from_checkpoint(cls, state, device="cpu"):
+        """The trained network of a checkpoint's state (capsv.checkpoint), on `device`, in eval mode."""
+        net = cls.from_config(state["config"]).to(device)
+        net.load_state_dict(state["model"])
+        return net.eval()
+
     def frames(self, feats):
         """[B, T, n_mels] -> frame-level trunk outputs [B, T/4, 128]."""
         return self.trunk(feats)
