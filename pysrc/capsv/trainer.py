@@ -103,7 +103,8 @@ class TrainingData:
         feat_dim = ArkReader(self.scp).read(next(iter(self.scp)), 0, 1).shape[1]
         if feat_dim != cfg["model"]["n_mels"]:
             raise UserError(f"{data_dir}/feats.scp has {feat_dim}-dim features but model.n_mels is "
-                            f"{cfg['model']['n_mels']}; fix conf/fbank.conf or the config")
+                            f"{cfg['model']['n_mels']}; re-run stage 1 with the fbank conf the model expects "
+                            f"(run.sh --fbank-conf), or fix the config")
         self.sampler = EpisodicBatches(self.utt2spk, tc["speakers_per_batch"], tc["utts_per_speaker"], cfg["seed"])
         if self.sampler.skipped:
             log.info(f"{len(self.sampler.skipped)} speakers with fewer than {tc['utts_per_speaker']} utterances are "
